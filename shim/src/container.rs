@@ -1,0 +1,536 @@
+//! One container: its runc client, its init process and its execs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use cgroups_rs::fs::Cgroup;
+use containerd_shim::api::{CreateTaskRequest, ExecProcessRequest, Status};
+use containerd_shim::mount::umount_recursive;
+use containerd_shim::protos::api::ProcessInfo;
+use containerd_shim::protos::cgroups::metrics::Metrics;
+use containerd_shim::util::{mkdir, mount_rootfs};
+use containerd_shim::{other, Error, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
+use rrc_config::{Mode, RrcConfig};
+use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
+use runc::Runc;
+
+use crate::io::{ConsoleCopy, ConsoleSocket, Stdio};
+use crate::options::ShimOptions;
+use crate::process::Process;
+use crate::runc::{kill_error, new_runc, runtime_error, INIT_PID_FILE};
+
+/// File in the bundle where the shim records the decoded runtime options, so that `delete`
+/// (run after the shim was lost) finds the same runc binary and root.
+pub const OPTIONS_FILE: &str = "rrc-options.json";
+/// File in the bundle holding an inline rrc configuration (`ConfigBody`).
+const INLINE_CONFIG_FILE: &str = "rrc-config.toml";
+
+/// Reads the runtime options recorded in a bundle (defaults when there are none).
+pub fn read_recorded_options(bundle: &Path) -> ShimOptions {
+    std::fs::read(bundle.join(OPTIONS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// A container managed by this shim.
+pub struct Container {
+    /// Container id.
+    pub id: String,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// runc client.
+    pub runc: Runc,
+    /// rrc configuration.
+    pub config: RrcConfig,
+    /// The init process.
+    pub init: Process,
+    /// Exec processes by exec id.
+    pub execs: HashMap<String, Process>,
+    /// The container's cgroup, for stats.
+    cgroup: Option<Cgroup>,
+    /// Whether the container shares its pid namespace (then its processes must be killed when
+    /// init exits, since the kernel will not).
+    shares_pid_ns: bool,
+}
+
+fn spec_shares_pid_ns(spec: &Spec) -> bool {
+    let Some(ns) = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref()) else {
+        return true;
+    };
+    !ns.iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none())
+}
+
+/// Reads rrc's configuration for a container: its annotations and the runtime's config file.
+pub fn load_config(spec: &Spec, opts: &ShimOptions, bundle: &Path) -> Result<RrcConfig> {
+    let file = match (&opts.config_path, &opts.config_body) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(body)) => {
+            let p = bundle.join(INLINE_CONFIG_FILE);
+            std::fs::write(&p, body).map_err(|e| other!("write {}: {e}", p.display()))?;
+            Some(p)
+        }
+        (None, None) => None,
+    };
+    let empty = HashMap::new();
+    let annotations = spec.annotations().as_ref().unwrap_or(&empty);
+    let config = RrcConfig::load(annotations, file.as_deref())
+        .map_err(|e| Error::InvalidArgument(format!("rrc: {e}")))?;
+    if config.mode != Mode::Off {
+        return Err(Error::InvalidArgument(format!(
+            "rrc: mode {} is not supported yet by this build of containerd-shim-rrc-v2; \
+             only mode off (a plain runc container) is; remove the io.containerd.rrc.* \
+             annotations or set io.containerd.rrc.mode=off",
+            config.mode
+        )));
+    }
+    Ok(config)
+}
+
+impl Container {
+    /// Creates the container (`runc create`): decodes options, validates rrc's configuration,
+    /// mounts the rootfs and sets up stdio. On failure nothing is left mounted.
+    pub async fn create(namespace: &str, req: &CreateTaskRequest) -> Result<Container> {
+        let bundle = PathBuf::from(&req.bundle);
+        let opts = match req.options.as_ref() {
+            Some(any) => ShimOptions::decode(&any.type_url, &any.value)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            None => ShimOptions::default(),
+        };
+        let spec = Spec::load(bundle.join("config.json"))
+            .map_err(|e| Error::InvalidArgument(format!("read OCI spec: {e}")))?;
+        let config = load_config(&spec, &opts, &bundle)?;
+        let json = serde_json::to_vec(&opts).map_err(|e| other!("encode options: {e}"))?;
+        std::fs::write(bundle.join(OPTIONS_FILE), json)
+            .map_err(|e| other!("write {}: {e}", OPTIONS_FILE))?;
+
+        let runc =
+            new_runc(&opts, namespace, &bundle).map_err(|e| other!("cannot set up runc: {e}"))?;
+        let rootfs = bundle.join("rootfs");
+        if !req.rootfs.is_empty() {
+            mkdir(&rootfs, 0o711).await?;
+        }
+        for m in &req.rootfs {
+            if let Err(e) = mount_rootfs(m, &rootfs).await {
+                let _ = umount_recursive(rootfs.to_str(), 0);
+                return Err(e);
+            }
+        }
+
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut init = Process::new(&req.id, stdio.clone(), None);
+        let pid_file = bundle.join(INIT_PID_FILE);
+        let mut copts = CreateOpts::new()
+            .pid_file(&pid_file)
+            .no_pivot(opts.no_pivot_root)
+            .no_new_keyring(opts.no_new_keyring)
+            .detach(false);
+        let console = if stdio.terminal {
+            let s = ConsoleSocket::new()?;
+            copts = copts.console_socket(&s.path);
+            Some(s)
+        } else {
+            copts = copts.io(stdio.fifos());
+            None
+        };
+        let created = async {
+            if let Err(e) = runc.create(&req.id, &bundle, Some(&copts)).await {
+                return Err(runtime_error(&bundle, e, "OCI runtime create failed"));
+            }
+            if let Some(s) = &console {
+                let master = s.receive_master().await?;
+                init.console = Some(ConsoleCopy::start(master, &stdio)?);
+            }
+            let pid = std::fs::read_to_string(&pid_file)
+                .map_err(|e| other!("read {}: {e}", pid_file.display()))?;
+            init.pid = pid
+                .trim()
+                .parse()
+                .map_err(|_| other!("bad pid {pid:?} in {}", pid_file.display()))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = created {
+            let _ = runc
+                .delete(&req.id, Some(&DeleteOpts { force: true }))
+                .await;
+            let _ = umount_recursive(rootfs.to_str(), 0);
+            return Err(e);
+        }
+        let cgroup = u32::try_from(init.pid)
+            .ok()
+            .and_then(|pid| containerd_shim::cgroup::get_cgroup(pid).ok());
+        Ok(Container {
+            id: req.id.clone(),
+            bundle,
+            runc,
+            config,
+            init,
+            execs: HashMap::new(),
+            cgroup,
+            shares_pid_ns: spec_shares_pid_ns(&spec),
+        })
+    }
+
+    fn bundle_str(&self) -> String {
+        self.bundle.display().to_string()
+    }
+
+    /// The process named by `exec_id` (init when empty).
+    pub fn process(&self, exec_id: &str) -> Result<&Process> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))
+    }
+
+    /// Mutable access to the process named by `exec_id`.
+    pub fn process_mut(&mut self, exec_id: &str) -> Result<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))
+    }
+
+    /// State RPC.
+    pub fn state(&self, exec_id: &str) -> Result<containerd_shim::api::StateResponse> {
+        Ok(self.process(exec_id)?.state(&self.bundle_str()))
+    }
+
+    /// Starts init (`runc start`) or an exec (`runc exec --detach`); returns its pid.
+    pub async fn start(&mut self, exec_id: &str) -> Result<i32> {
+        if exec_id.is_empty() {
+            if self.init.status != Status::CREATED {
+                return Err(Error::FailedPreconditionError(format!(
+                    "container {} cannot start: it is {:?}",
+                    self.id, self.init.status
+                )));
+            }
+            if let Err(e) = self.runc.start(&self.id).await {
+                return Err(runtime_error(&self.bundle, e, "OCI runtime start failed"));
+            }
+            self.init.status = Status::RUNNING;
+            return Ok(self.init.pid);
+        }
+        if self.init.status != Status::RUNNING {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} is not running",
+                self.id
+            )));
+        }
+        let bundle = self.bundle.clone();
+        let id = self.id.clone();
+        let p = self
+            .execs
+            .get_mut(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))?;
+        if p.status != Status::CREATED {
+            return Err(Error::FailedPreconditionError(format!(
+                "exec {exec_id} was already started"
+            )));
+        }
+        let spec = p
+            .spec
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument(format!("exec {exec_id} has no spec")))?;
+        let pid_file = bundle.join(format!("{exec_id}.pid"));
+        let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
+        let console = if p.stdio.terminal {
+            let s = ConsoleSocket::new()?;
+            eopts = eopts.console_socket(&s.path);
+            Some(s)
+        } else {
+            eopts = eopts.io(p.stdio.fifos());
+            None
+        };
+        if let Err(e) = self.runc.exec(&id, &spec, Some(&eopts)).await {
+            return Err(runtime_error(&bundle, e, "OCI runtime exec failed"));
+        }
+        if let Some(s) = &console {
+            let master = s.receive_master().await?;
+            p.console = Some(ConsoleCopy::start(master, &p.stdio)?);
+        }
+        let pid = std::fs::read_to_string(&pid_file)
+            .map_err(|e| other!("read {}: {e}", pid_file.display()))?;
+        p.pid = pid
+            .trim()
+            .parse()
+            .map_err(|_| other!("bad pid {pid:?} in {}", pid_file.display()))?;
+        p.status = Status::RUNNING;
+        Ok(p.pid)
+    }
+
+    /// Kill RPC.
+    pub async fn kill(&mut self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        if exec_id.is_empty() {
+            return self
+                .runc
+                .kill(&self.id, signal, Some(&KillOpts { all }))
+                .await
+                .map_err(kill_error);
+        }
+        let p = self.process(exec_id)?;
+        if p.pid <= 0 {
+            return Err(Error::FailedPreconditionError(format!(
+                "exec {exec_id} was not started"
+            )));
+        }
+        if p.status == Status::STOPPED {
+            return Err(Error::NotFoundError("process already finished".into()));
+        }
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+        kill(Pid::from_raw(p.pid), sig).map_err(|e| match e {
+            nix::errno::Errno::ESRCH => Error::NotFoundError("process already finished".into()),
+            e => other!("kill exec {exec_id}: {e}"),
+        })
+    }
+
+    /// Called when init exits: in a shared pid namespace, kill whatever init left behind.
+    pub async fn on_init_exit(&mut self) {
+        if self.shares_pid_ns {
+            if let Err(e) = self
+                .runc
+                .kill(&self.id, 9, Some(&KillOpts { all: true }))
+                .await
+            {
+                tracing::debug!("killing what {} left behind: {e}", self.id);
+            }
+        }
+    }
+
+    /// Delete RPC for an exec: forgets it and returns (pid, exit status, exited at).
+    pub fn delete_exec(&mut self, exec_id: &str) -> Result<Process> {
+        let p = self.process(exec_id)?;
+        if p.status == Status::RUNNING {
+            return Err(Error::FailedPreconditionError(format!(
+                "exec {exec_id} is still running; kill it first"
+            )));
+        }
+        let _ = std::fs::remove_file(self.bundle.join(format!("{exec_id}.pid")));
+        self.execs
+            .remove(exec_id)
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))
+    }
+
+    /// Delete RPC for the container: `runc delete --force` and unmount the rootfs.
+    pub async fn delete(&mut self) -> Result<()> {
+        if matches!(
+            self.init.status,
+            Status::RUNNING | Status::PAUSED | Status::PAUSING
+        ) {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} is still running; kill it first",
+                self.id
+            )));
+        }
+        if let Err(e) = self
+            .runc
+            .delete(&self.id, Some(&DeleteOpts { force: true }))
+            .await
+        {
+            let msg = e.to_string().to_lowercase();
+            if !msg.contains("does not exist") && !msg.contains("not exist") {
+                return Err(runtime_error(&self.bundle, e, "OCI runtime delete failed"));
+            }
+        }
+        umount_recursive(self.bundle.join("rootfs").to_str(), 0)?;
+        self.init.console = None;
+        // A container deleted before it ran: runc killed its init, whose exit the reaper may
+        // never attribute (it is forgotten now). Record it as killed, so waiters get an answer.
+        if self.init.status == Status::CREATED {
+            self.init.set_exited(128 + 9);
+        }
+        Ok(())
+    }
+
+    /// Exec RPC: records a new exec process (started by Start).
+    pub fn add_exec(&mut self, req: &ExecProcessRequest) -> Result<()> {
+        if self.execs.contains_key(&req.exec_id) {
+            return Err(crate::task::status(
+                containerd_shim::protos::ttrpc::Code::ALREADY_EXISTS,
+                format!("exec {} already exists", req.exec_id),
+            ));
+        }
+        if self.init.status != Status::RUNNING {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} is not running",
+                self.id
+            )));
+        }
+        let any = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("exec request has no process spec".into()))?;
+        let mut spec: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
+            .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
+        spec.set_terminal(Some(req.terminal));
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        self.execs.insert(
+            req.exec_id.clone(),
+            Process::new(&req.exec_id, stdio, Some(spec)),
+        );
+        Ok(())
+    }
+
+    /// Pids RPC.
+    pub async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        let pids = self
+            .runc
+            .ps(&self.id)
+            .await
+            .map_err(|e| runtime_error(&self.bundle, e, "runc ps failed"))?;
+        Ok(pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid: u32::try_from(pid).unwrap_or(0),
+                ..Default::default()
+            })
+            .collect())
+    }
+
+    /// Pause RPC.
+    pub async fn pause(&mut self) -> Result<()> {
+        if self.init.status != Status::RUNNING {
+            return Err(Error::FailedPreconditionError(format!(
+                "cannot pause container {}: it is {:?}",
+                self.id, self.init.status
+            )));
+        }
+        self.init.status = Status::PAUSING;
+        if let Err(e) = self.runc.pause(&self.id).await {
+            self.init.status = Status::RUNNING;
+            return Err(runtime_error(&self.bundle, e, "OCI runtime pause failed"));
+        }
+        self.init.status = Status::PAUSED;
+        Ok(())
+    }
+
+    /// Resume RPC.
+    pub async fn resume(&mut self) -> Result<()> {
+        if self.init.status != Status::PAUSED {
+            return Err(Error::FailedPreconditionError(format!(
+                "cannot resume container {}: it is {:?}",
+                self.id, self.init.status
+            )));
+        }
+        if let Err(e) = self.runc.resume(&self.id).await {
+            return Err(runtime_error(&self.bundle, e, "OCI runtime resume failed"));
+        }
+        self.init.status = Status::RUNNING;
+        Ok(())
+    }
+
+    /// Update RPC: new resource limits through `runc update`.
+    pub async fn update(&self, resources: &LinuxResources) -> Result<()> {
+        if self.init.status == Status::STOPPED {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} has exited",
+                self.id
+            )));
+        }
+        self.runc
+            .update(&self.id, resources)
+            .await
+            .map_err(|e| runtime_error(&self.bundle, e, "OCI runtime update failed"))
+    }
+
+    /// Stats RPC: the container's cgroup metrics.
+    pub fn stats(&self) -> Result<Metrics> {
+        let cg = self.cgroup.as_ref().filter(|c| c.exists()).ok_or_else(|| {
+            Error::NotFoundError(format!("container {} has no cgroup any more", self.id))
+        })?;
+        containerd_shim::cgroup::collect_metrics(cg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(annotations: &[(&str, &str)]) -> Spec {
+        let mut spec = Spec::default();
+        spec.set_annotations(Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        spec
+    }
+
+    #[test]
+    fn plain_container_is_mode_off() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cfg = load_config(&spec_with(&[]), &ShimOptions::default(), dir.path()).expect("ok");
+        assert_eq!(cfg.mode, Mode::Off);
+    }
+
+    #[test]
+    fn replicated_modes_are_refused_as_not_supported_yet() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("key");
+        std::fs::write(&key, [1u8; 32]).expect("key");
+        let key = key.display().to_string();
+        let spec = spec_with(&[
+            ("io.containerd.rrc.peer", "198.18.0.3:7070"),
+            ("io.containerd.rrc.auth-key-file", &key),
+        ]);
+        let err = load_config(&spec, &ShimOptions::default(), dir.path()).expect_err("refused");
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn bad_annotation_fails_with_key_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spec = spec_with(&[("io.containerd.rrc.epoch-ms", "0")]);
+        let err = load_config(&spec, &ShimOptions::default(), dir.path()).expect_err("refused");
+        assert!(
+            err.to_string().contains("io.containerd.rrc.epoch-ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inline_config_body_is_used() {
+        let dir = tempfile::tempdir().expect("dir");
+        let opts = ShimOptions {
+            config_body: Some("epoch-ms = 0\n".into()),
+            ..Default::default()
+        };
+        let err = load_config(&spec_with(&[]), &opts, dir.path()).expect_err("refused");
+        assert!(err.to_string().contains("epoch-ms"), "{err}");
+    }
+
+    #[test]
+    fn pid_namespace_sharing() {
+        let spec = Spec::default();
+        assert!(
+            !spec_shares_pid_ns(&spec),
+            "default spec has its own pid ns"
+        );
+        let mut s = Spec::default();
+        s.set_linux(None);
+        assert!(spec_shares_pid_ns(&s));
+    }
+}
