@@ -293,4 +293,28 @@ mod tests {
             .expect_err("utf8");
         assert!(err.to_string().contains("UTF-8"), "{err}");
     }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic sweep; `shim/fuzz` has the coverage-guided version.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..200usize {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            for t in [
+                "containerd.runc.v1.Options",
+                "containerd.linux.runc.CreateOptions",
+                "containerd.linux.runc.RuncOptions",
+                "runtimeoptions.v1.Options",
+            ] {
+                let _ = ShimOptions::decode(t, &bytes);
+            }
+        }
+    }
 }
