@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use cgroups_rs::fs::Cgroup;
+use cgroups_rs::fs::{Cgroup, Subsystem};
 use containerd_shim::api::{CreateTaskRequest, ExecProcessRequest, Status};
 use containerd_shim::mount::umount_recursive;
 use containerd_shim::protos::api::ProcessInfo;
@@ -460,7 +460,81 @@ impl Container {
         let cg = self.cgroup.as_ref().filter(|c| c.exists()).ok_or_else(|| {
             Error::NotFoundError(format!("container {} has no cgroup any more", self.id))
         })?;
-        containerd_shim::cgroup::collect_metrics(cg)
+        let mut metrics = containerd_shim::cgroup::collect_metrics(cg)?;
+        if !cg.v2() {
+            add_v1_metrics(cg, &mut metrics);
+        }
+        Ok(metrics)
+    }
+}
+
+/// The cgroup v1 figures `containerd_shim::cgroup::collect_metrics` leaves out: it reads the CPU
+/// usage from cgroup v2's `cpu.stat` only (so on v1 it was always 0) and of the memory only the
+/// usage. Fills them from `cpuacct.*` and `memory.*`, as containerd's runc shim does.
+fn add_v1_metrics(cg: &Cgroup, metrics: &mut Metrics) {
+    for subsystem in cg.subsystems() {
+        match subsystem {
+            Subsystem::CpuAcct(c) => {
+                let acct = c.cpuacct();
+                let usage = metrics
+                    .cpu
+                    .mut_or_insert_default()
+                    .usage
+                    .mut_or_insert_default();
+                usage.total = acct.usage;
+                usage.kernel = acct.usage_sys;
+                usage.user = acct.usage_user;
+                usage.per_cpu = acct
+                    .usage_percpu
+                    .split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+            }
+            Subsystem::Mem(c) => {
+                let mem = c.memory_stat();
+                let limit = |l: i64| u64::try_from(l).unwrap_or(u64::MAX);
+                let m = metrics.memory.mut_or_insert_default();
+                let usage = m.usage.mut_or_insert_default();
+                usage.usage = mem.usage_in_bytes;
+                usage.limit = limit(mem.limit_in_bytes);
+                usage.max = mem.max_usage_in_bytes;
+                usage.failcnt = mem.fail_cnt;
+                let st = &mem.stat;
+                m.cache = st.cache;
+                m.rss = st.rss;
+                m.rss_huge = st.rss_huge;
+                m.mapped_file = st.mapped_file;
+                m.dirty = st.dirty;
+                m.writeback = st.writeback;
+                m.pg_pg_in = st.pgpgin;
+                m.pg_pg_out = st.pgpgout;
+                m.pg_fault = st.pgfault;
+                m.pg_maj_fault = st.pgmajfault;
+                m.inactive_anon = st.inactive_anon;
+                m.active_anon = st.active_anon;
+                m.inactive_file = st.inactive_file;
+                m.active_file = st.active_file;
+                m.unevictable = st.unevictable;
+                m.hierarchical_memory_limit = limit(st.hierarchical_memory_limit);
+                m.hierarchical_swap_limit = limit(st.hierarchical_memsw_limit);
+                m.total_cache = st.total_cache;
+                m.total_rss = st.total_rss;
+                m.total_rss_huge = st.total_rss_huge;
+                m.total_mapped_file = st.total_mapped_file;
+                m.total_dirty = st.total_dirty;
+                m.total_writeback = st.total_writeback;
+                m.total_pg_pg_in = st.total_pgpgin;
+                m.total_pg_pg_out = st.total_pgpgout;
+                m.total_pg_fault = st.total_pgfault;
+                m.total_pg_maj_fault = st.total_pgmajfault;
+                m.total_inactive_anon = st.total_inactive_anon;
+                m.total_active_anon = st.total_active_anon;
+                m.total_inactive_file = st.total_inactive_file;
+                m.total_active_file = st.total_active_file;
+                m.total_unevictable = st.total_unevictable;
+            }
+            _ => {}
+        }
     }
 }
 

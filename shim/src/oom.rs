@@ -50,7 +50,10 @@ fn register(dir: &Path) -> std::io::Result<File> {
     let mut ec = OpenOptions::new()
         .write(true)
         .open(dir.join("cgroup.event_control"))?;
-    write!(ec, "{} {}", efd.as_raw_fd(), control.as_raw_fd())?;
+    // One write(2): the kernel parses each write on its own, and `write!` on a File would issue
+    // one write per formatted piece (the first, a lone "<efd>", fails with EINVAL).
+    let line = format!("{} {}", efd.as_raw_fd(), control.as_raw_fd());
+    ec.write_all(line.as_bytes())?;
     Ok(efd)
 }
 
