@@ -32,12 +32,18 @@ pub struct Stdio {
 
 impl Stdio {
     /// runc's view of the FIFOs, for a process without a terminal.
+    ///
+    /// A stream containerd gave no FIFO for (CRI's sandbox container has none: `NullIO`) is
+    /// `/dev/null`. Left unset, runc would get the runc crate's default pipes, the process would
+    /// inherit them, and the shim, reading runc's output to its end, would wait for the process
+    /// to exit.
     pub fn fifos(&self) -> Arc<FIFO> {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let or_null = |s: &str| Some(some(s).unwrap_or_else(|| "/dev/null".to_string()));
         Arc::new(FIFO {
             stdin: some(&self.stdin),
-            stdout: some(&self.stdout),
-            stderr: some(&self.stderr),
+            stdout: or_null(&self.stdout),
+            stderr: or_null(&self.stderr),
         })
     }
 }
