@@ -985,6 +985,30 @@ fn failing_runc_reports_its_message() -> Result<()> {
     Ok(())
 }
 
+/// A log URI the shim cannot serve yet (`binary://`, what nerdctl uses for detached containers)
+/// fails Create with a message naming it, and leaves nothing behind.
+#[test]
+fn unsupported_log_uri_is_refused_cleanly() -> Result<()> {
+    let bed = bed_or_skip!();
+    let h = bed.host("h");
+    let out = run_rm(
+        h,
+        RRC_RUNTIME,
+        &["--log-uri", "binary:///bin/true"],
+        "logbin",
+        &["echo", "x"],
+    )?;
+    let stderr = text(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("binary://") && stderr.contains("FIFOs"),
+        "wanted a clear refusal of the binary:// log URI: {}\n{}",
+        show(&out),
+        h.containerd_log_tail()
+    );
+    assert_clean(h, "logbin")?;
+    Ok(())
+}
+
 /// A detached container keeps running when it writes after `ctr run -d` has gone (nobody reads
 /// its stdout FIFO any more).
 #[test]

@@ -104,6 +104,7 @@ impl Container {
         let spec = Spec::load(bundle.join("config.json"))
             .map_err(|e| Error::InvalidArgument(format!("read OCI spec: {e}")))?;
         let config = load_config(&spec, &opts, &bundle)?;
+        let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
         let json = serde_json::to_vec(&opts).map_err(|e| other!("encode options: {e}"))?;
         std::fs::write(bundle.join(OPTIONS_FILE), json)
             .map_err(|e| other!("write {}: {e}", OPTIONS_FILE))?;
@@ -121,12 +122,6 @@ impl Container {
             }
         }
 
-        let stdio = Stdio {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
         let mut init = Process::new(&req.id, stdio.clone(), None);
         let pid_file = bundle.join(INIT_PID_FILE);
         let mut copts = CreateOpts::new()
@@ -380,12 +375,7 @@ impl Container {
         let mut spec: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
             .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
         spec.set_terminal(Some(req.terminal));
-        let stdio = Stdio {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
         self.execs.insert(
             req.exec_id.clone(),
             Process::new(&req.exec_id, stdio, Some(spec)),

@@ -31,6 +31,29 @@ pub struct Stdio {
 }
 
 impl Stdio {
+    /// Builds the stdio of a process from containerd's paths, accepting plain FIFO paths and
+    /// `fifo://` URIs. containerd's other log URIs (`binary://`, used by nerdctl for detached
+    /// containers, and `file://`) are refused with a clear error: this shim does not copy output
+    /// into loggers yet.
+    pub fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Result<Stdio> {
+        let path = |name: &str, v: &str| -> Result<String> {
+            match v.split_once("://") {
+                None => Ok(v.to_string()),
+                Some(("fifo", p)) => Ok(p.to_string()),
+                Some((scheme, _)) => Err(Error::InvalidArgument(format!(
+                    "{name} is a {scheme}:// log URI; containerd-shim-rrc-v2 supports only \
+                     FIFOs (what ctr and the CRI use) for now, not logging binaries or files"
+                ))),
+            }
+        };
+        Ok(Stdio {
+            stdin: path("stdin", stdin)?,
+            stdout: path("stdout", stdout)?,
+            stderr: path("stderr", stderr)?,
+            terminal,
+        })
+    }
+
     /// runc's view of the FIFOs, for a process without a terminal.
     ///
     /// A stream containerd gave no FIFO for (CRI's sandbox container has none: `NullIO`) is
@@ -190,5 +213,22 @@ impl ConsoleCopy {
 impl Drop for ConsoleCopy {
     fn drop(&mut self) {
         self.close_stdin();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_paths_and_uris() {
+        let s = Stdio::new("/f/in", "fifo:///f/out", "", false).expect("fifos");
+        assert_eq!(
+            (s.stdin.as_str(), s.stdout.as_str(), s.stderr.as_str()),
+            ("/f/in", "/f/out", "")
+        );
+        let err = Stdio::new("", "binary:///usr/bin/nerdctl?x=1", "", false).expect_err("binary");
+        assert!(err.to_string().contains("binary://"), "{err}");
+        assert!(Stdio::new("", "", "file:///var/log/x", false).is_err());
     }
 }
