@@ -20,7 +20,7 @@ use k8s_cri::v1::{
     RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use rrc_integration::cri::{self, CriConfig};
-use rrc_integration::{image, integration_unavailable, TestBed};
+use rrc_integration::{image, integration_unavailable, wait_for, TestBed};
 use tonic::transport::Channel;
 
 /// The containerd namespace the CRI plugin works in.
@@ -175,6 +175,16 @@ impl Node {
             log_path: "hello.log".to_string(),
             ..Default::default()
         };
+        self.create_container(pod, pod_config, config).await
+    }
+
+    /// CreateContainer of `config` in `pod`; returns the container id.
+    async fn create_container(
+        &mut self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String> {
         let id = self
             .rt
             .create_container(CreateContainerRequest {
@@ -332,12 +342,14 @@ impl Node {
 
     /// Waits until no rrc shim serves this node any more.
     async fn expect_no_shims(&self) -> Result<()> {
-        poll(Duration::from_secs(10), || {
-            let left = self.shim_daemons();
-            ensure!(left.is_empty(), "rrc shims still run: {left:?}");
-            Ok(())
+        // The tests run on a multi-threaded runtime: block this worker, not the runtime.
+        tokio::task::block_in_place(|| {
+            wait_for(Duration::from_secs(10), || {
+                let left = self.shim_daemons();
+                ensure!(left.is_empty(), "rrc shims still run: {left:?}");
+                Ok(())
+            })
         })
-        .await
     }
 }
 
@@ -389,20 +401,6 @@ fn spec_annotations(bundle: &Path) -> Result<HashMap<String, String>> {
         })
         .unwrap_or_default();
     Ok(map)
-}
-
-/// Polls `f` every 50 ms (without blocking the runtime) until it succeeds or `timeout` passes.
-async fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= timeout => {
-                return Err(e.context(format!("still failing after {timeout:?}")))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// Waits until the container runs; returns its init pid.
@@ -490,17 +488,18 @@ async fn pod_runs_under_rrc_shim() -> Result<()> {
 
     // The container's stdout went through the shim to CRI's log file.
     let log_file = Path::new(&pod_cfg.log_directory).join("hello.log");
-    poll(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log_file).unwrap_or_default();
-        ensure!(
-            text.lines()
-                .any(|l| l.contains(" stdout ") && l.ends_with(HELLO)),
-            "{} does not have {HELLO:?} yet: {text:?}",
-            log_file.display()
-        );
-        Ok(())
-    })
-    .await?;
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log_file).unwrap_or_default();
+            ensure!(
+                text.lines()
+                    .any(|l| l.contains(" stdout ") && l.ends_with(HELLO)),
+                "{} does not have {HELLO:?} yet: {text:?}",
+                log_file.display()
+            );
+            Ok(())
+        })
+    })?;
 
     // ExecSync (what kubelet's exec probes use) runs through the shim's Exec.
     let exec = node
@@ -677,17 +676,7 @@ async fn oom_kill_is_reported() -> Result<()> {
         log_path: "hog.log".to_string(),
         ..Default::default()
     };
-    let ctr = node
-        .rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(config),
-            sandbox_config: Some(pod_cfg.clone()),
-        })
-        .await
-        .with_context(|| format!("CRI CreateContainer\n{}", node.log()))?
-        .into_inner()
-        .container_id;
+    let ctr = node.create_container(&pod, &pod_cfg, config).await?;
     if let Err(e) = node.start_container(&ctr).await {
         bail!("StartContainer failed: {e}\n{}", node.log());
     }

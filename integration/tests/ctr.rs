@@ -62,6 +62,22 @@ fn run_rm(h: &Host, runtime: &str, extra: &[&str], id: &str, args: &[&str]) -> R
     h.ctr_timeout(&a, Duration::from_secs(60))
 }
 
+/// `ctr run --rm` under rrc's shim must fail with stderr containing every one of `wants`, run
+/// nothing, and leave nothing behind.
+fn expect_refused(h: &Host, id: &str, extra: &[&str], args: &[&str], wants: &[&str]) -> Result<()> {
+    let out = run_rm(h, RRC_RUNTIME, extra, id, args)?;
+    let stderr = text(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && wants.iter().all(|w| stderr.contains(w))
+            && !text(&out.stdout).contains("should-not-run"),
+        "{id}: wanted a failure naming {wants:?}: {}\n{}",
+        show(&out),
+        h.containerd_log_tail()
+    );
+    assert_clean(h, id)
+}
+
 /// `ctr run -d --runtime RUNTIME [extra...] busybox ID args...`.
 fn run_detached(h: &Host, runtime: &str, extra: &[&str], id: &str, args: &[&str]) -> Result<()> {
     let busybox = image("busybox");
@@ -925,16 +941,7 @@ fn bad_rrc_config_is_refused_cleanly() -> Result<()> {
         ),
     ];
     for (id, extra, want) in &cases {
-        let out = run_rm(h, RRC_RUNTIME, extra, id, &["echo", "should-not-run"])?;
-        ensure!(
-            !out.status.success()
-                && text(&out.stderr).contains(want)
-                && !text(&out.stdout).contains("should-not-run"),
-            "{id}: wanted a failure naming {want:?}: {}\n{}",
-            show(&out),
-            h.containerd_log_tail()
-        );
-        assert_clean(h, id)?;
+        expect_refused(h, id, extra, &["echo", "should-not-run"], &[want])?;
     }
 
     // Valid settings reach the shim and are accepted.
@@ -972,15 +979,7 @@ fn failing_runc_reports_its_message() -> Result<()> {
         ("nopath", "nonexistent-command", "executable file not found"),
     ];
     for (id, prog, want) in cases {
-        let out = run_rm(h, RRC_RUNTIME, &[], id, &[prog])?;
-        let stderr = text(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains(want) && stderr.contains(prog),
-            "{id}: wanted runc's {want:?}: {}\n{}",
-            show(&out),
-            h.containerd_log_tail()
-        );
-        assert_clean(h, id)?;
+        expect_refused(h, id, &[], &[prog], &[want, prog])?;
     }
     Ok(())
 }
@@ -991,22 +990,13 @@ fn failing_runc_reports_its_message() -> Result<()> {
 fn unsupported_log_uri_is_refused_cleanly() -> Result<()> {
     let bed = bed_or_skip!();
     let h = bed.host("h");
-    let out = run_rm(
+    expect_refused(
         h,
-        RRC_RUNTIME,
-        &["--log-uri", "binary:///bin/true"],
         "logbin",
-        &["echo", "x"],
-    )?;
-    let stderr = text(&out.stderr);
-    ensure!(
-        !out.status.success() && stderr.contains("binary://") && stderr.contains("FIFOs"),
-        "wanted a clear refusal of the binary:// log URI: {}\n{}",
-        show(&out),
-        h.containerd_log_tail()
-    );
-    assert_clean(h, "logbin")?;
-    Ok(())
+        &["--log-uri", "binary:///bin/true"],
+        &["echo", "should-not-run"],
+        &["binary://", "FIFOs"],
+    )
 }
 
 /// A detached container keeps running when it writes after `ctr run -d` has gone (nobody reads

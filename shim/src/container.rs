@@ -20,7 +20,7 @@ use runc::Runc;
 use crate::io::{ConsoleCopy, ConsoleSocket, Stdio};
 use crate::options::ShimOptions;
 use crate::process::Process;
-use crate::runc::{kill_error, new_runc, runtime_error, INIT_PID_FILE};
+use crate::runc::{kill_error, new_runc, read_pid_file, runtime_error, INIT_PID_FILE};
 
 /// File in the bundle where the shim records the decoded runtime options, so that `delete`
 /// (run after the shim was lost) finds the same runc binary and root.
@@ -145,12 +145,7 @@ impl Container {
                 let master = s.receive_master().await?;
                 init.console = Some(ConsoleCopy::start(master, &stdio)?);
             }
-            let pid = std::fs::read_to_string(&pid_file)
-                .map_err(|e| other!("read {}: {e}", pid_file.display()))?;
-            init.pid = pid
-                .trim()
-                .parse()
-                .map_err(|_| other!("bad pid {pid:?} in {}", pid_file.display()))?;
+            init.pid = read_pid_file(&pid_file)?;
             Ok(())
         }
         .await;
@@ -258,12 +253,7 @@ impl Container {
             let master = s.receive_master().await?;
             p.console = Some(ConsoleCopy::start(master, &p.stdio)?);
         }
-        let pid = std::fs::read_to_string(&pid_file)
-            .map_err(|e| other!("read {}: {e}", pid_file.display()))?;
-        p.pid = pid
-            .trim()
-            .parse()
-            .map_err(|_| other!("bad pid {pid:?} in {}", pid_file.display()))?;
+        p.pid = read_pid_file(&pid_file)?;
         p.status = Status::RUNNING;
         Ok(p.pid)
     }

@@ -53,6 +53,15 @@ pub fn runc_root(opts: &ShimOptions, bundle: &Path) -> PathBuf {
     }
 }
 
+/// Reads a pid file runc wrote (`--pid-file`).
+pub fn read_pid_file(path: &Path) -> containerd_shim::Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| containerd_shim::Error::Other(format!("read {}: {e}", path.display())))?;
+    text.trim().parse().map_err(|_| {
+        containerd_shim::Error::Other(format!("bad pid {text:?} in {}", path.display()))
+    })
+}
+
 /// Builds the runc client for a container.
 pub fn new_runc(
     opts: &ShimOptions,

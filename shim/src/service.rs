@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::container::read_recorded_options;
 use crate::options::ShimOptions;
-use crate::runc::{new_runc, INIT_PID_FILE};
+use crate::runc::{new_runc, read_pid_file, INIT_PID_FILE};
 use crate::task::{handle_exit, TaskService};
 
 /// Annotations that put several containers into one shim (a Kubernetes pod's containers share
@@ -194,9 +194,9 @@ pub async fn cleanup_bundle(
     if let Err(e) = umount_recursive(bundle.join("rootfs").to_str(), 0) {
         tracing::warn!("unmount rootfs of {id}: {e}");
     }
-    let pid = std::fs::read_to_string(bundle.join(INIT_PID_FILE))
+    let pid = read_pid_file(&bundle.join(INIT_PID_FILE))
         .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
+        .and_then(|p| u32::try_from(p).ok())
         .unwrap_or(0);
     let mut resp = DeleteResponse::new();
     resp.pid = pid;
