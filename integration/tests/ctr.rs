@@ -984,18 +984,81 @@ fn failing_runc_reports_its_message() -> Result<()> {
     Ok(())
 }
 
-/// A log URI the shim cannot serve yet (`binary://`, what nerdctl uses for detached containers)
-/// fails Create with a message naming it, and leaves nothing behind.
+/// containerd's log URIs, as nerdctl and `ctr --log-uri` use them: a logging binary gets the
+/// process's stdout on fd 3 and stderr on fd 4 (arguments from the URI's query, the container's id
+/// and namespace in its environment); a `file://` URI collects both streams in a file. Both are
+/// complete when the task is deleted, and nothing is left behind.
 #[test]
-fn unsupported_log_uri_is_refused_cleanly() -> Result<()> {
+fn log_uris_binary_and_file() -> Result<()> {
     let bed = bed_or_skip!();
     let h = bed.host("h");
+    let dir = h.dir().join("logs");
+    std::fs::create_dir_all(&dir)?;
+    let logger = dir.join("logger.sh");
+    // fd 5 is closed first (the ready signal), so the copies do not hold it open.
+    std::fs::write(
+        &logger,
+        "#!/bin/bash\n[ \"$1\" = dir ] || exit 2\nexec 5>&-\n\
+         echo \"$CONTAINER_ID $CONTAINER_NAMESPACE\" > \"$2/env\"\n\
+         cat <&3 > \"$2/stdout\" &\ncat <&4 > \"$2/stderr\" &\nwait\n",
+    )?;
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exit 4";
+
+    let uri = format!("binary://{}?dir={}", logger.display(), dir.display());
+    let out = run_rm(
+        h,
+        RRC_RUNTIME,
+        &["--log-uri", &uri],
+        "logbin",
+        &["sh", "-c", script],
+    )?;
+    ensure!(
+        out.status.code() == Some(4),
+        "logbin: wanted exit 4: {}\n{}",
+        show(&out),
+        h.containerd_log_tail()
+    );
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    ensure!(
+        read("stdout") == "out1\nout2\nout3\n" && read("stderr") == "err1\nerr2\nerr3\n",
+        "logger got stdout {:?} stderr {:?}",
+        read("stdout"),
+        read("stderr")
+    );
+    ensure!(
+        read("env").trim() == format!("logbin {}", h.namespace()),
+        "logger environment: {:?}",
+        read("env")
+    );
+    assert_clean(h, "logbin")?;
+
+    let file = dir.join("sub").join("file.log");
+    let uri = format!("file://{}", file.display());
+    let out = run_rm(
+        h,
+        RRC_RUNTIME,
+        &["--log-uri", &uri],
+        "logfile",
+        &["sh", "-c", script],
+    )?;
+    ensure!(out.status.code() == Some(4), "logfile: {}", show(&out));
+    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_unstable();
+    ensure!(
+        lines == ["err1", "err2", "err3", "out1", "out2", "out3"],
+        "log file holds {text:?}"
+    );
+    assert_clean(h, "logfile")?;
+
+    // A scheme containerd's runc shim does not know either is refused before anything runs.
     expect_refused(
         h,
-        "logbin",
-        &["--log-uri", "binary:///bin/true"],
+        "logsys",
+        &["--log-uri", "syslog:///x"],
         &["echo", "should-not-run"],
-        &["binary://", "FIFOs"],
+        &["syslog://", "not supported"],
     )
 }
 

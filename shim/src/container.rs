@@ -17,7 +17,7 @@ use rrc_config::{Mode, RrcConfig};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use runc::Runc;
 
-use crate::io::{ConsoleCopy, ConsoleSocket, Stdio};
+use crate::io::{IoSetup, Stdio};
 use crate::options::ShimOptions;
 use crate::process::Process;
 use crate::runc::{kill_error, new_runc, read_pid_file, runtime_error, INIT_PID_FILE};
@@ -40,6 +40,8 @@ pub fn read_recorded_options(bundle: &Path) -> ShimOptions {
 pub struct Container {
     /// Container id.
     pub id: String,
+    /// containerd namespace.
+    namespace: String,
     /// Bundle directory.
     pub bundle: PathBuf,
     /// runc client.
@@ -124,32 +126,32 @@ impl Container {
 
         let mut init = Process::new(&req.id, stdio.clone(), None);
         let pid_file = bundle.join(INIT_PID_FILE);
-        let mut copts = CreateOpts::new()
-            .pid_file(&pid_file)
-            .no_pivot(opts.no_pivot_root)
-            .no_new_keyring(opts.no_new_keyring)
-            .detach(false);
-        let console = if stdio.terminal {
-            let s = ConsoleSocket::new()?;
-            copts = copts.console_socket(&s.path);
-            Some(s)
-        } else {
-            copts = copts.io(stdio.fifos());
-            None
-        };
         let created = async {
-            if let Err(e) = runc.create(&req.id, &bundle, Some(&copts)).await {
+            let setup = IoSetup::new(&stdio, &req.id, namespace).await?;
+            let mut copts = CreateOpts::new()
+                .pid_file(&pid_file)
+                .no_pivot(opts.no_pivot_root)
+                .no_new_keyring(opts.no_new_keyring)
+                .detach(false);
+            if let Some(path) = setup.console_socket() {
+                copts = copts.console_socket(path);
+            }
+            if let Some(io) = setup.runc_io() {
+                copts = copts.io(io);
+            }
+            let result = runc.create(&req.id, &bundle, Some(&copts)).await;
+            drop(copts);
+            if let Err(e) = result {
+                setup.abort().await;
                 return Err(runtime_error(&bundle, e, "OCI runtime create failed"));
             }
-            if let Some(s) = &console {
-                let master = s.receive_master().await?;
-                init.console = Some(ConsoleCopy::start(master, &stdio)?);
-            }
+            init.io = setup.finish(&stdio).await?;
             init.pid = read_pid_file(&pid_file)?;
             Ok(())
         }
         .await;
         if let Err(e) = created {
+            init.io.close().await;
             let _ = runc
                 .delete(&req.id, Some(&DeleteOpts { force: true }))
                 .await;
@@ -161,6 +163,7 @@ impl Container {
             .and_then(|pid| containerd_shim::cgroup::get_cgroup(pid).ok());
         Ok(Container {
             id: req.id.clone(),
+            namespace: namespace.to_string(),
             bundle,
             runc,
             config,
@@ -237,22 +240,21 @@ impl Container {
             .clone()
             .ok_or_else(|| Error::InvalidArgument(format!("exec {exec_id} has no spec")))?;
         let pid_file = bundle.join(format!("{exec_id}.pid"));
+        let setup = IoSetup::new(&p.stdio, exec_id, &self.namespace).await?;
         let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
-        let console = if p.stdio.terminal {
-            let s = ConsoleSocket::new()?;
-            eopts = eopts.console_socket(&s.path);
-            Some(s)
-        } else {
-            eopts = eopts.io(p.stdio.fifos());
-            None
-        };
-        if let Err(e) = self.runc.exec(&id, &spec, Some(&eopts)).await {
+        if let Some(path) = setup.console_socket() {
+            eopts = eopts.console_socket(path);
+        }
+        if let Some(io) = setup.runc_io() {
+            eopts = eopts.io(io);
+        }
+        let result = self.runc.exec(&id, &spec, Some(&eopts)).await;
+        drop(eopts);
+        if let Err(e) = result {
+            setup.abort().await;
             return Err(runtime_error(&bundle, e, "OCI runtime exec failed"));
         }
-        if let Some(s) = &console {
-            let master = s.receive_master().await?;
-            p.console = Some(ConsoleCopy::start(master, &p.stdio)?);
-        }
+        p.io = setup.finish(&p.stdio).await?;
         p.pid = read_pid_file(&pid_file)?;
         p.status = Status::RUNNING;
         Ok(p.pid)
@@ -300,7 +302,7 @@ impl Container {
     }
 
     /// Delete RPC for an exec: forgets it and returns (pid, exit status, exited at).
-    pub fn delete_exec(&mut self, exec_id: &str) -> Result<Process> {
+    pub async fn delete_exec(&mut self, exec_id: &str) -> Result<Process> {
         let p = self.process(exec_id)?;
         if p.status == Status::RUNNING {
             return Err(Error::FailedPreconditionError(format!(
@@ -308,9 +310,12 @@ impl Container {
             )));
         }
         let _ = std::fs::remove_file(self.bundle.join(format!("{exec_id}.pid")));
-        self.execs
+        let mut p = self
+            .execs
             .remove(exec_id)
-            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))
+            .ok_or_else(|| Error::NotFoundError(format!("exec {exec_id} not found")))?;
+        p.io.close().await;
+        Ok(p)
     }
 
     /// Delete RPC for the container: `runc delete --force` and unmount the rootfs.
@@ -335,7 +340,10 @@ impl Container {
             }
         }
         umount_recursive(self.bundle.join("rootfs").to_str(), 0)?;
-        self.init.console = None;
+        self.init.io.close().await;
+        for p in self.execs.values_mut() {
+            p.io.close().await;
+        }
         // A container deleted before it ran: runc killed its init, whose exit the reaper may
         // never attribute (it is forgotten now). Record it as killed, so waiters get an answer.
         if self.init.status == Status::CREATED {

@@ -3,71 +3,220 @@
 //! Without a terminal, containerd's FIFOs are handed straight to runc, which gives them to the
 //! process: nothing is copied by the shim. With a terminal, runc sends the pty master over a
 //! console socket; the shim copies the stdin FIFO into it and its output into the stdout FIFO.
+//! Output given as a log URI (`binary://`, `file://`, see [`crate::logging`]) goes through pipes
+//! to a logging binary or into a file.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use containerd_shim::{other, Error, Result};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 use runc::io::FIFO;
+
+use tokio::io::AsyncWrite;
 use tokio::net::unix::pipe;
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
-/// The FIFO paths containerd gave for a process.
-#[derive(Debug, Clone, Default)]
+use crate::logging::{pipe as os_pipe, Logger, Output, PipeIo};
+
+/// The streams containerd gave for a process.
+#[derive(Debug, Clone)]
 pub struct Stdio {
     /// stdin FIFO (empty: none).
     pub stdin: String,
-    /// stdout FIFO (empty: none).
+    /// stdout as containerd gave it (a FIFO path or a log URI), for State.
     pub stdout: String,
-    /// stderr FIFO (empty: none).
+    /// stderr as containerd gave it, for State.
     pub stderr: String,
     /// Whether the process has a terminal.
     pub terminal: bool,
+    /// Where the output goes.
+    pub output: Output,
 }
 
 impl Stdio {
-    /// Builds the stdio of a process from containerd's paths, accepting plain FIFO paths and
-    /// `fifo://` URIs. containerd's other log URIs (`binary://`, used by nerdctl for detached
-    /// containers, and `file://`) are refused with a clear error: this shim does not copy output
-    /// into loggers yet.
+    /// Builds the stdio of a process from containerd's strings: FIFO paths (bare or `fifo://`)
+    /// or, for the output, a `binary://` or `file://` log URI. Anything else is refused with an
+    /// error that says what is accepted.
     pub fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Result<Stdio> {
-        let path = |name: &str, v: &str| -> Result<String> {
-            match v.split_once("://") {
-                None => Ok(v.to_string()),
-                Some(("fifo", p)) => Ok(p.to_string()),
-                Some((scheme, _)) => Err(Error::InvalidArgument(format!(
-                    "{name} is a {scheme}:// log URI; containerd-shim-rrc-v2 supports only \
-                     FIFOs (what ctr and the CRI use) for now, not logging binaries or files"
-                ))),
+        let stdin = match stdin.split_once("://") {
+            None => stdin.to_string(),
+            Some(("fifo", p)) => p.to_string(),
+            Some((scheme, _)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "stdin is a {scheme}:// URI; stdin must be a FIFO"
+                )))
             }
         };
         Ok(Stdio {
-            stdin: path("stdin", stdin)?,
-            stdout: path("stdout", stdout)?,
-            stderr: path("stderr", stderr)?,
+            stdin,
+            stdout: stdout.to_string(),
+            stderr: stderr.to_string(),
             terminal,
+            output: Output::parse(stdout, stderr)?,
         })
     }
 
-    /// runc's view of the FIFOs, for a process without a terminal.
+    /// runc's view of the FIFOs, for a process without a terminal whose output is FIFOs.
     ///
     /// A stream containerd gave no FIFO for (CRI's sandbox container has none: `NullIO`) is
     /// `/dev/null`. Left unset, runc would get the runc crate's default pipes, the process would
     /// inherit them, and the shim, reading runc's output to its end, would wait for the process
     /// to exit.
-    pub fn fifos(&self) -> Arc<FIFO> {
+    fn fifos(&self) -> Arc<FIFO> {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let or_null = |s: &str| Some(some(s).unwrap_or_else(|| "/dev/null".to_string()));
+        let (stdout, stderr) = match &self.output {
+            Output::Fifo { stdout, stderr } => (or_null(stdout), or_null(stderr)),
+            _ => (or_null(""), or_null("")),
+        };
         Arc::new(FIFO {
             stdin: some(&self.stdin),
-            stdout: or_null(&self.stdout),
-            stderr: or_null(&self.stderr),
+            stdout,
+            stderr,
         })
+    }
+}
+
+/// Where a terminal's output is copied to.
+enum ConsoleOut {
+    /// Nowhere.
+    None,
+    /// containerd's stdout FIFO.
+    Fifo(String),
+    /// A pipe to a logging binary, or a log file.
+    Writer(OwnedFd),
+}
+
+/// A process's stdio while runc creates it: made before `runc create`/`runc exec`, finished
+/// after it succeeded (or aborted after it failed).
+pub struct IoSetup {
+    console: Option<ConsoleSocket>,
+    console_out: Option<ConsoleOut>,
+    runc_io: Option<Arc<dyn runc::io::Io>>,
+    logger: Option<Logger>,
+}
+
+impl IoSetup {
+    /// Prepares the streams of process `id`: the console socket for a terminal, the FIFOs or
+    /// pipes runc hands the process otherwise, and the logger a log URI asks for.
+    pub async fn new(stdio: &Stdio, id: &str, namespace: &str) -> Result<IoSetup> {
+        let (logger, pipes) = match &stdio.output {
+            Output::Fifo { .. } => (None, None),
+            output => {
+                let (out_r, out_w) = os_pipe()?;
+                let (err_r, err_w) = os_pipe()?;
+                let logger = Logger::start(output, id, namespace, out_r, err_r).await?;
+                (logger, Some((out_w, err_w)))
+            }
+        };
+        if stdio.terminal {
+            let console = match ConsoleSocket::new() {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(l) = logger {
+                        l.stop().await;
+                    }
+                    return Err(e);
+                }
+            };
+            // A terminal has one output stream: stderr's pipe (if any) is closed here.
+            let out = match (pipes, &stdio.output) {
+                (Some((out_w, _)), _) => ConsoleOut::Writer(out_w),
+                (None, Output::Fifo { stdout, .. }) if !stdout.is_empty() => {
+                    ConsoleOut::Fifo(stdout.clone())
+                }
+                _ => ConsoleOut::None,
+            };
+            return Ok(IoSetup {
+                console: Some(console),
+                console_out: Some(out),
+                runc_io: None,
+                logger,
+            });
+        }
+        let runc_io: Arc<dyn runc::io::Io> = match pipes {
+            Some((stdout, stderr)) => Arc::new(PipeIo {
+                stdin: (!stdio.stdin.is_empty()).then(|| PathBuf::from(&stdio.stdin)),
+                stdout,
+                stderr,
+            }),
+            None => stdio.fifos(),
+        };
+        Ok(IoSetup {
+            console: None,
+            console_out: None,
+            runc_io: Some(runc_io),
+            logger,
+        })
+    }
+
+    /// The console socket to give runc, for a terminal.
+    pub fn console_socket(&self) -> Option<&Path> {
+        self.console.as_ref().map(|c| c.path.as_path())
+    }
+
+    /// The streams to give runc, without a terminal.
+    pub fn runc_io(&self) -> Option<Arc<dyn runc::io::Io>> {
+        self.runc_io.clone()
+    }
+
+    /// After runc succeeded: receives the terminal, starts copying, and returns what the process
+    /// keeps. The shim's copies of the output pipes' write ends close here, so the logger sees
+    /// the end of the output when the process's own copies close.
+    pub async fn finish(mut self, stdio: &Stdio) -> Result<ProcessIo> {
+        self.runc_io = None;
+        let console = match self.console.take() {
+            None => None,
+            Some(socket) => {
+                let out = self.console_out.take().unwrap_or(ConsoleOut::None);
+                let copied = async {
+                    let master = socket.receive_master().await?;
+                    ConsoleCopy::start(master, &stdio.stdin, out)
+                }
+                .await;
+                match copied {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.abort().await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(ProcessIo {
+            console,
+            logger: self.logger.take(),
+        })
+    }
+
+    /// After runc failed: stops the logger.
+    pub async fn abort(mut self) {
+        if let Some(l) = self.logger.take() {
+            l.stop().await;
+        }
+    }
+}
+
+/// What a running process keeps of its stdio.
+#[derive(Default)]
+pub struct ProcessIo {
+    /// Its terminal, if it has one.
+    pub console: Option<ConsoleCopy>,
+    logger: Option<Logger>,
+}
+
+impl ProcessIo {
+    /// At delete: stops the terminal copies and lets the logger finish.
+    pub async fn close(&mut self) {
+        self.console = None;
+        if let Some(l) = self.logger.take() {
+            l.stop().await;
+        }
     }
 }
 
@@ -158,30 +307,38 @@ pub struct ConsoleCopy {
 }
 
 impl ConsoleCopy {
-    /// Starts copying stdin FIFO → master and master → stdout FIFO.
-    pub fn start(master: OwnedFd, stdio: &Stdio) -> Result<ConsoleCopy> {
+    /// Starts copying the stdin FIFO → master and master → the output.
+    fn start(master: OwnedFd, stdin: &str, out: ConsoleOut) -> Result<ConsoleCopy> {
         let dup = |fd: &OwnedFd| -> Result<tokio::fs::File> {
             let d = fd.try_clone().map_err(|e| other!("dup pty master: {e}"))?;
             Ok(tokio::fs::File::from_std(std::fs::File::from(d)))
         };
         let mut stdin_task = None;
-        if !stdio.stdin.is_empty() {
+        if !stdin.is_empty() {
             let mut to_master = dup(&master)?;
             // read_write keeps the FIFO open even while no writer is attached.
             let mut from = pipe::OpenOptions::new()
                 .read_write(true)
-                .open_receiver(&stdio.stdin)
-                .map_err(|e| other!("open stdin {}: {e}", stdio.stdin))?;
+                .open_receiver(stdin)
+                .map_err(|e| other!("open stdin {stdin}: {e}"))?;
             stdin_task = Some(tokio::spawn(async move {
                 let _ = tokio::io::copy(&mut from, &mut to_master).await;
             }));
         }
-        if !stdio.stdout.is_empty() {
+        let to: Option<Box<dyn AsyncWrite + Send + Unpin>> = match out {
+            ConsoleOut::None => None,
+            ConsoleOut::Fifo(path) => Some(Box::new(
+                pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(&path)
+                    .map_err(|e| other!("open stdout {path}: {e}"))?,
+            )),
+            ConsoleOut::Writer(fd) => {
+                Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(fd))))
+            }
+        };
+        if let Some(mut to) = to {
             let mut from_master = dup(&master)?;
-            let mut to = pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(&stdio.stdout)
-                .map_err(|e| other!("open stdout {}: {e}", stdio.stdout))?;
             tokio::spawn(async move {
                 // Ends with EIO once every process holding the terminal has exited.
                 let _ = tokio::io::copy(&mut from_master, &mut to).await;
@@ -222,13 +379,29 @@ mod tests {
 
     #[test]
     fn fifo_paths_and_uris() {
-        let s = Stdio::new("/f/in", "fifo:///f/out", "", false).expect("fifos");
+        let s = Stdio::new("fifo:///f/in", "fifo:///f/out", "", false).expect("fifos");
+        assert_eq!(s.stdin, "/f/in");
         assert_eq!(
-            (s.stdin.as_str(), s.stdout.as_str(), s.stderr.as_str()),
-            ("/f/in", "/f/out", "")
+            s.output,
+            Output::Fifo {
+                stdout: "/f/out".into(),
+                stderr: String::new()
+            }
         );
-        let err = Stdio::new("", "binary:///usr/bin/nerdctl?x=1", "", false).expect_err("binary");
-        assert!(err.to_string().contains("binary://"), "{err}");
-        assert!(Stdio::new("", "", "file:///var/log/x", false).is_err());
+        let s = Stdio::new(
+            "",
+            "binary:///bin/logger?a=b",
+            "binary:///bin/logger?a=b",
+            false,
+        )
+        .expect("binary");
+        assert_eq!(
+            s.stdout, "binary:///bin/logger?a=b",
+            "State reports what was given"
+        );
+        assert!(
+            Stdio::new("binary:///x", "", "", false).is_err(),
+            "stdin is a FIFO"
+        );
     }
 }

@@ -8,10 +8,11 @@
 //!
 //! Layout, after containerd's Rust runc shim: [`service`] (start/delete subcommands, the daemon),
 //! [`task`] (the RPCs), [`container`] and [`process`] (state), [`runc`] (reaper-aware runc calls),
-//! [`io`] (FIFOs and terminals), [`options`] (runtime options), [`oom`] (OOM events).
+//! [`io`] (FIFOs and terminals), [`logging`] (log URIs), [`options`] (runtime options), [`oom`] (OOM events).
 
 pub mod container;
 pub mod io;
+pub mod logging;
 pub mod oom;
 pub mod options;
 pub mod process;

@@ -5,7 +5,7 @@ use containerd_shim::util::convert_to_timestamp;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use crate::io::{ConsoleCopy, Stdio};
+use crate::io::{ProcessIo, Stdio};
 
 /// Exit status and time, as Wait reports them.
 pub type ExitInfo = (u32, Option<OffsetDateTime>);
@@ -24,8 +24,8 @@ pub struct Process {
     pub exited_at: Option<OffsetDateTime>,
     /// Its FIFOs.
     pub stdio: Stdio,
-    /// Its terminal, if it has one.
-    pub console: Option<ConsoleCopy>,
+    /// Its terminal and logger, once started.
+    pub io: ProcessIo,
     /// Wait calls to wake at exit.
     waiters: Vec<oneshot::Sender<ExitInfo>>,
     /// An exec's process spec (None for init).
@@ -42,7 +42,7 @@ impl Process {
             exit_status: 0,
             exited_at: None,
             stdio,
-            console: None,
+            io: ProcessIo::default(),
             waiters: Vec::new(),
             spec,
         }
@@ -97,7 +97,8 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_wake_once_at_exit() {
-        let mut p = Process::new("c", Stdio::default(), None);
+        let stdio = Stdio::new("", "", "", false).expect("no streams");
+        let mut p = Process::new("c", stdio, None);
         let rx = p.wait_channel();
         p.set_exited(137);
         assert_eq!(rx.await.expect("woken").0, 137);

@@ -245,7 +245,7 @@ impl Task for TaskService {
             c.delete().await.map_err(rpc)?;
             (c.init.pid, c.init.exit_status, c.init.exited_at)
         } else {
-            let p = c.delete_exec(&req.exec_id).map_err(rpc)?;
+            let p = c.delete_exec(&req.exec_id).await.map_err(rpc)?;
             (p.pid, p.exit_status, p.exited_at)
         };
         if req.exec_id.is_empty() {
@@ -371,13 +371,13 @@ impl Task for TaskService {
             .ok_or_else(|| not_found(&req.id))
             .map_err(rpc)?;
         let p = c.process(&req.exec_id).map_err(rpc)?;
-        let console = p
-            .console
-            .as_ref()
-            .ok_or_else(|| {
-                Error::FailedPreconditionError(format!("process {} has no terminal", p.id))
-            })
-            .map_err(rpc)?;
+        let console =
+            p.io.console
+                .as_ref()
+                .ok_or_else(|| {
+                    Error::FailedPreconditionError(format!("process {} has no terminal", p.id))
+                })
+                .map_err(rpc)?;
         console.resize(req.width, req.height).map_err(rpc)?;
         Ok(Empty::new())
     }
@@ -391,7 +391,7 @@ impl Task for TaskService {
         let p = c.process_mut(&req.exec_id).map_err(rpc)?;
         // Without a terminal the process holds containerd's stdin FIFO itself and sees EOF when
         // containerd closes its end; with one, the shim stops feeding the terminal.
-        if let Some(console) = p.console.as_mut() {
+        if let Some(console) = p.io.console.as_mut() {
             console.close_stdin();
         }
         Ok(Empty::new())
