@@ -599,8 +599,16 @@ impl Channel {
         let mut acked = self.acked();
         let mut closed = self.shared.closed.subscribe();
         tokio::select! {
+            biased;
             r = acked.wait_for(|a| *a >= seq) => r.map(|_| ()).map_err(|_| ChannelError::Closed),
-            _ = closed.wait_for(|c| *c) => Err(self.shared.error().unwrap_or(ChannelError::Closed)),
+            _ = closed.wait_for(|c| *c) => {
+                // An acknowledgement that arrived just before the peer closed still counts.
+                if *self.shared.acked.borrow() >= seq {
+                    Ok(())
+                } else {
+                    Err(self.shared.error().unwrap_or(ChannelError::Closed))
+                }
+            }
         }
     }
 

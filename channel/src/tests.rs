@@ -338,3 +338,19 @@ async fn peer_closing_ends_the_channel() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_ack_just_before_close_still_counts() {
+    for _ in 0..20 {
+        let (p, b) = pair(cfg(KEY, "c", Role::Primary), cfg(KEY, "c", Role::Backup)).await;
+        let (p, mut b) = (ok(p), ok(b));
+        let seq = p.send(0, b"last").await.expect("send");
+        let m = b.recv().await.expect("recv");
+        b.acknowledge(m.seq).await.expect("ack");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(2), p.wait_acked(seq))
+            .await
+            .expect("answered")
+            .expect("the ack counts although the peer closed right after");
+    }
+}
