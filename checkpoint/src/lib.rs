@@ -4,7 +4,8 @@
 //! `runc checkpoint` and `runc restore` (CRIU underneath) for a given runc root, decodes CRIU's
 //! own statistics ([`stats`]), and seals every finished image directory with a checksummed marker
 //! ([`manifest`]) that a restore verifies first, so an incomplete or corrupt image is refused and
-//! never half-restored.
+//! never half-restored. [`transfer`] moves an image directory to the backup as a stream of pieces
+//! and commits it there atomically.
 //!
 //! It touches only what it is given: the runc root (through runc), the image and work
 //! directories, and the CRIU configuration file a container's spec names in the
@@ -51,6 +52,7 @@ pub mod checkpointer;
 pub mod manifest;
 pub mod runner;
 pub mod stats;
+pub mod transfer;
 
 pub use checkpointer::{
     criu_errors, resolve_binary, CgroupsMode, CheckpointError, Checkpointer, DumpOptions,
@@ -60,3 +62,4 @@ pub use checkpointer::{
 pub use manifest::{ManifestError, MARKER};
 pub use runner::{CommandRunner, TokioRunner};
 pub use stats::{DumpStats, RestoreStats, StatsError};
+pub use transfer::{send_dir, Piece, Store, TransferError};
