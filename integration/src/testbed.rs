@@ -319,6 +319,25 @@ impl Host {
         c
     }
 
+    /// Opens one TCP connection from this host to `ip:port` and keeps it open: a bash in this
+    /// host's netns holds `/dev/tcp/ip/port` and relays its stdin to the connection and the
+    /// connection to its stdout (both piped; stderr discarded; own process group, so killing the
+    /// group ends the relay). This is how tests and the demo act as a client that never
+    /// reconnects.
+    pub fn open_tcp_relay(&self, ip: &str, port: u16) -> Result<Child> {
+        self.command("bash")
+            .args([
+                "-c",
+                &format!("exec 3<>/dev/tcp/{ip}/{port}; cat <&3 & cat >&3; wait"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("open a TCP connection from {} to {ip}:{port}", self.name))
+    }
+
     /// The `ctr run` arguments that put a container into this host's network namespace:
     /// `--with-ns network:/var/run/netns/<netns>` (see the module docs; `--net-host` works too).
     pub fn ctr_run_args_net(&self) -> Vec<String> {

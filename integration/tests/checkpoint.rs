@@ -30,7 +30,6 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -352,18 +351,7 @@ struct IncrClient {
 
 impl IncrClient {
     fn start(client: &Host, ip: &str) -> Result<IncrClient> {
-        let mut child = client
-            .command("bash")
-            .args([
-                "-c",
-                &format!("exec 3<>/dev/tcp/{ip}/6379; cat <&3 & cat >&3; wait"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("start the client connection")?;
+        let mut child = client.open_tcp_relay(ip, 6379)?;
         let mut to = child.stdin.take().context("client stdin")?;
         let mut from = BufReader::new(child.stdout.take().context("client stdout")?);
         let state = Arc::new(Mutex::new(ClientState::default()));
@@ -632,18 +620,25 @@ fn measure(
     Ok(())
 }
 
+/// The five test hosts of a failover: client, primary (with containerd), backup, and the
+/// service's network namespace "svc" with its twin "svc-b" ready to take over its address.
+fn failover_bed() -> Result<TestBed> {
+    let mut bed = TestBed::new(&["client", "primary", "backup", "svc", "svc-b"])?;
+    bed.host_mut("primary").start_containerd("")?;
+    make_twin(bed.host("svc-b"), bed.host("svc"))?;
+    Ok(bed)
+}
+
 #[test]
 fn checkpoint_failover_keeps_the_client_connection() -> Result<()> {
     let Some(criu) = prerequisites() else {
         return Ok(());
     };
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut bed = TestBed::new(&["client", "primary", "backup", "svc", "svc-b"])?;
-    bed.host_mut("primary").start_containerd("")?;
+    let bed = failover_bed()?;
     let (client, primary, backup) = (bed.host("client"), bed.host("primary"), bed.host("backup"));
     let (svc, svc_b) = (bed.host("svc"), bed.host("svc-b"));
     let ip = svc.ip().to_string();
-    make_twin(svc_b, svc)?;
     let rt = runtime()?;
     let id = "redis1";
 
@@ -810,11 +805,9 @@ fn damaged_images_and_failed_dumps_are_refused() -> Result<()> {
         return Ok(());
     };
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut bed = TestBed::new(&["client", "primary", "backup", "svc", "svc-b"])?;
-    bed.host_mut("primary").start_containerd("")?;
+    let bed = failover_bed()?;
     let (client, primary, backup) = (bed.host("client"), bed.host("primary"), bed.host("backup"));
     let (svc, svc_b) = (bed.host("svc"), bed.host("svc-b"));
-    make_twin(svc_b, svc)?;
     let rt = runtime()?;
     let id = "redis1";
     start_redis(primary, svc, client, id)?;

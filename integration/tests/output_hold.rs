@@ -19,16 +19,7 @@ struct Conn {
 
 impl Conn {
     fn open(client: &Host, ip: &str, port: u16) -> Result<Conn> {
-        let mut child = client
-            .command("bash")
-            .args([
-                "-c",
-                &format!("exec 3<>/dev/tcp/{ip}/{port}; cat <&3 & cat >&3; wait"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("start the client connection")?;
+        let mut child = client.open_tcp_relay(ip, port)?;
         let to = child.stdin.take().context("stdin")?;
         let from = child.stdout.take().context("stdout")?;
         let (tx, replies) = mpsc::channel();

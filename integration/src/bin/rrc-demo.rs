@@ -94,19 +94,7 @@ fn main() -> Result<()> {
 /// Sends INCRs over one connection from the client host for `duration`; returns how many were
 /// acknowledged.
 fn stream_incrs(bed: &TestBed, ip: &str, duration: Duration) -> Result<u64> {
-    // `nc`-free: a bash child in the client netns holds the TCP connection via /dev/tcp and
-    // relays our requests and the replies over its stdin/stdout.
-    let mut child = bed
-        .host("client")
-        .command("bash")
-        .args([
-            "-c",
-            &format!("exec 3<>/dev/tcp/{ip}/6379; cat <&3 & cat >&3; wait"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("start the client connection")?;
+    let mut child = bed.host("client").open_tcp_relay(ip, 6379)?;
     let mut to = child.stdin.take().context("client stdin")?;
     let mut from = BufReader::new(child.stdout.take().context("client stdout")?);
     let start = Instant::now();
