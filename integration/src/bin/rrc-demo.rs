@@ -1,16 +1,16 @@
 //! `rrc-demo`: the main job, end to end on this machine.
 //!
 //! Today (mode `off`): two test hosts, `primary` (its own containerd) and `client`. A redis runs
-//! under `--runtime io.containerd.rrc.v2` on `primary`; a client on the other host writes a stream
-//! of acknowledged `INCR`s over one kept-open connection and checks the counter at the end. When
+//! under `--runtime io.containerd.rrc.v2` on `primary`; the checker client on the other host
+//! writes over kept-open connections and then verifies every acknowledged write. When
 //! the replicated modes land, this grows a `backup` host and kills the primary mid-stream.
 //!
 //! Usage: `rrc-demo [--seconds N]`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use rrc_integration::checker::{verify, Checker};
 use rrc_integration::{wait_for, TestBed};
 
 fn main() -> Result<()> {
@@ -71,55 +71,28 @@ fn main() -> Result<()> {
     .context("redis never answered the client")?;
     println!("[demo] client got PONG from {ip}:6379");
 
-    let acked = stream_incrs(&bed, &ip, Duration::from_secs(seconds))?;
-    let out = bed
-        .host("client")
-        .command("redis-cli")
-        .args(["-h", &ip, "GET", "demo:counter"])
-        .output()?;
-    let value: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("reading the counter back")?;
-    println!("[demo] {acked} INCRs acknowledged over one connection; counter reads {value}");
-    if value != acked {
-        bail!("counter {value} != acknowledged writes {acked}");
+    let addr = std::net::SocketAddr::new(primary.ip().into(), 6379);
+    let netns = bed.host("client").netns_path();
+    println!(
+        "[demo] 4 client connections write for {seconds} s (INCR of a counter, SET of fresh keys)"
+    );
+    let checker = Checker::start(&netns, addr, 4);
+    for s in 1..=seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        println!("[demo] {s} s");
+    }
+    let report = checker.stop();
+    println!(
+        "[demo] {} writes acknowledged; longest stall {:?}",
+        report.acknowledged(),
+        report.max_stall()
+    );
+    let problems = verify(&netns, addr, &report)?;
+    if !problems.is_empty() {
+        bail!("lost or broken: {problems:#?}");
     }
     println!("[demo] every acknowledged write is there. Tearing down.");
     drop(bed);
     println!("[demo] done");
     Ok(())
-}
-
-/// Sends INCRs over one connection from the client host for `duration`; returns how many were
-/// acknowledged.
-fn stream_incrs(bed: &TestBed, ip: &str, duration: Duration) -> Result<u64> {
-    let mut child = bed.host("client").open_tcp_relay(ip, 6379)?;
-    let mut to = child.stdin.take().context("client stdin")?;
-    let mut from = BufReader::new(child.stdout.take().context("client stdout")?);
-    let start = Instant::now();
-    let mut acked = 0u64;
-    let mut last_report = Instant::now();
-    let mut line = String::new();
-    while start.elapsed() < duration {
-        to.write_all(b"INCR demo:counter\r\n")?;
-        to.flush()?;
-        line.clear();
-        from.read_line(&mut line)?;
-        let n: u64 = line
-            .trim()
-            .strip_prefix(':')
-            .with_context(|| format!("unexpected reply {line:?}"))?
-            .parse()?;
-        acked += 1;
-        anyhow::ensure!(n == acked, "counter jumped: got {n}, expected {acked}");
-        if last_report.elapsed() > Duration::from_secs(1) {
-            println!("[demo] {acked} acknowledged INCRs");
-            last_report = Instant::now();
-        }
-    }
-    drop(to);
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok(acked)
 }
