@@ -103,6 +103,16 @@ pub struct TestBed {
     lock: Option<Flock<File>>,
 }
 
+/// A child process the tests started; killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One test host: a network namespace, optionally with its own containerd.
 pub struct Host {
     name: String,
@@ -317,6 +327,41 @@ impl Host {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.netns, program]);
         c
+    }
+
+    /// Starts a plain redis-server (a host process, not a container) in this host's network
+    /// namespace, on every address, without persistence, and returns once it answers `PING` on
+    /// `port`. It is killed when the returned guard is dropped.
+    pub fn start_redis(&self, port: u16) -> Result<KillOnDrop> {
+        let port = port.to_string();
+        let child = self
+            .command("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start redis-server on test host {}", self.name))?;
+        let guard = KillOnDrop(child);
+        wait_for(Duration::from_secs(10), || {
+            let out = self
+                .command("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port, "PING"])
+                .output()?;
+            ensure!(
+                String::from_utf8_lossy(&out.stdout).trim() == "PONG",
+                "no PONG yet"
+            );
+            Ok(())
+        })
+        .with_context(|| format!("redis-server on test host {} never answered", self.name))?;
+        Ok(guard)
     }
 
     /// Opens one TCP connection from this host to `ip:port` and keeps it open: a bash in this

@@ -2,53 +2,11 @@
 //! connections: it is the witness the failover tests rely on.
 
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use rrc_integration::checker::{verify, Checker};
-use rrc_integration::{integration_unavailable, wait_for, Host, TestBed};
-
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis(server: &Host, client: &Host) -> Result<(Redis, SocketAddr)> {
-    let redis = Redis(
-        server
-            .command("redis-server")
-            .args([
-                "--port",
-                "6379",
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("start redis-server")?,
-    );
-    let ip = server.ip().to_string();
-    wait_for(Duration::from_secs(10), || {
-        let out = client
-            .command("redis-cli")
-            .args(["-h", &ip, "PING"])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "PONG",
-            "no PONG"
-        );
-        Ok(())
-    })?;
-    Ok((redis, SocketAddr::new(server.ip().into(), 6379)))
-}
+use rrc_integration::{integration_unavailable, TestBed};
 
 #[test]
 fn checker_passes_a_healthy_server_and_catches_loss_and_resets() -> Result<()> {
@@ -58,7 +16,8 @@ fn checker_passes_a_healthy_server_and_catches_loss_and_resets() -> Result<()> {
     }
     let bed = TestBed::new(&["client", "server"])?;
     let (client, server) = (bed.host("client"), bed.host("server"));
-    let (redis, addr) = start_redis(server, client)?;
+    let redis = server.start_redis(6379)?;
+    let addr = SocketAddr::new(server.ip().into(), 6379);
     let netns = client.netns_path();
 
     // Healthy: every acknowledged write is there, no connection broke.

@@ -2,12 +2,12 @@
 //! on another wait in the NFQUEUE until released, in order, and flow freely when released all.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use rrc_integration::{integration_unavailable, wait_for, Host, TestBed};
+use rrc_integration::{integration_unavailable, Host, TestBed};
 use rrc_output_hold::OutputHold;
 
 /// A kept-open TCP connection from the client host, one reply line at a time.
@@ -52,15 +52,6 @@ impl Drop for Conn {
     }
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -87,33 +78,7 @@ fn replies_wait_for_release_in_order() -> Result<()> {
     let bed = TestBed::new(&["client", "server"])?;
     let (client, server) = (bed.host("client"), bed.host("server"));
     let ip = server.ip().to_string();
-    let _redis = Server(
-        server
-            .command("redis-server")
-            .args([
-                "--port",
-                "6379",
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("start redis-server in the server host")?,
-    );
-    wait_for(Duration::from_secs(10), || {
-        let out = client
-            .command("redis-cli")
-            .args(["-h", &ip, "PING"])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "PONG",
-            "no PONG"
-        );
-        Ok(())
-    })?;
+    let _redis = server.start_redis(6379)?;
     let mut conn = Conn::open(client, &ip, 6379)?;
     let mut plain = round_trips(&mut conn, 200)?;
 

@@ -3,52 +3,25 @@
 //! pointing at the new MAC; without the announcement it would still point at the old one.
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
-use rrc_integration::{integration_unavailable, wait_for, Host, TestBed};
+use anyhow::{ensure, Result};
+use rrc_integration::{integration_unavailable, wait_for, Host, KillOnDrop, TestBed};
 use rrc_takeover::{announce, claim, release};
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 50);
 
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A redis on `host` that answers `GET whoami` with the host's name.
-fn redis_named(host: &Host) -> Result<Redis> {
-    let r = Redis(
-        host.command("redis-server")
-            .args([
-                "--port",
-                "6379",
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("start redis-server")?,
+fn redis_named(host: &Host) -> Result<KillOnDrop> {
+    let r = host.start_redis(6379)?;
+    let out = host
+        .command("redis-cli")
+        .args(["-h", "127.0.0.1", "SET", "whoami", host.name()])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "OK",
+        "SET whoami: {out:?}"
     );
-    wait_for(Duration::from_secs(10), || {
-        let out = host
-            .command("redis-cli")
-            .args(["-h", "127.0.0.1", "SET", "whoami", host.name()])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "OK",
-            "not up"
-        );
-        Ok(())
-    })?;
     Ok(r)
 }
 
