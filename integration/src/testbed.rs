@@ -768,10 +768,22 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Resul
     }
 }
 
-/// The workspace's root directory (the parent of this crate's manifest directory).
+/// The workspace's root directory (the parent of this crate's manifest directory): from
+/// `CARGO_MANIFEST_DIR` as cargo sets it when it runs a test, else the current directory when it
+/// is a checkout of this workspace (`make demo`), else the directory this crate was compiled in.
+/// (A build cache shared by two checkouts may hold a binary compiled in the other one.)
 pub fn workspace_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|m| m.join("images").is_dir())
+        .or_else(|| {
+            std::env::current_dir()
+                .ok()
+                .map(|d| d.join("integration"))
+                .filter(|m| m.join("images").is_dir())
+        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap_or(&manifest).to_path_buf()
 }
 
 /// The shim binary the test bed puts on containerd's `PATH`: `$RRC_SHIM_BIN` if set, otherwise
