@@ -74,6 +74,8 @@ pub struct Stats {
 struct Control {
     tag: AtomicU64,
     released: AtomicU64,
+    /// Everything passes, whatever its tag (no backup to wait for).
+    passthrough: AtomicBool,
     stop: AtomicBool,
     wake: OwnedFd,
     stats: Stats,
@@ -126,12 +128,27 @@ impl OutputHold {
     /// Starts holding packets that leave `netns` through `interface` (every interface but `lo`
     /// when None) on NFQUEUE `queue`. Packets are tagged with the current tag (initially 0) and
     /// nothing is released until [`release_upto`](Self::release_upto) or
-    /// [`release_all`](Self::release_all).
+    /// [`release_all`](Self::release_all). Installs the iptables rule with `iptables` run as a
+    /// child process; a process that reaps children behind `std::process`'s back (a containerd
+    /// shim) uses [`bind`](Self::bind) and installs [`nfqueue_rule`] itself.
     pub fn start(
         netns: &Path,
         interface: Option<&str>,
         queue: u16,
     ) -> Result<OutputHold, HoldError> {
+        let mut hold = OutputHold::bind(netns, queue)?;
+        let rule = nfqueue_rule(interface, queue);
+        let mut add = vec!["-A".to_string()];
+        add.extend(rule.iter().cloned());
+        iptables(netns, &add)?;
+        hold.rule = rule;
+        Ok(hold)
+    }
+
+    /// Binds NFQUEUE `queue` inside `netns` and starts the holding thread, without installing
+    /// any rule: packets reach the queue once the caller adds [`nfqueue_rule`] to the
+    /// namespace's OUTPUT chain (and stop when it deletes it, before dropping this).
+    pub fn bind(netns: &Path, queue: u16) -> Result<OutputHold, HoldError> {
         // SAFETY: eventfd has no preconditions; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -140,6 +157,7 @@ impl OutputHold {
         let control = Arc::new(Control {
             tag: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            passthrough: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             // SAFETY: efd is a fresh descriptor nothing else owns.
             wake: unsafe { OwnedFd::from_raw_fd(efd) },
@@ -193,28 +211,12 @@ impl OutputHold {
                 )))
             }
         }
-        let mut rule = vec!["OUTPUT".to_string()];
-        match interface {
-            Some(i) => rule.extend(["-o".into(), i.to_string()]),
-            None => rule.extend(["!".into(), "-o".into(), "lo".into()]),
-        }
-        rule.extend([
-            "-j".into(),
-            "NFQUEUE".into(),
-            "--queue-num".into(),
-            queue.to_string(),
-        ]);
-        let mut hold = OutputHold {
+        Ok(OutputHold {
             control,
             thread: Some(thread),
             netns: netns.to_path_buf(),
             rule: Vec::new(),
-        };
-        let mut add = vec!["-A".to_string()];
-        add.extend(rule.iter().cloned());
-        iptables(netns, &add)?;
-        hold.rule = rule;
-        Ok(hold)
+        })
     }
 
     /// Tags packets arriving from now on with `tag` (tags only grow).
@@ -234,9 +236,26 @@ impl OutputHold {
         }
     }
 
-    /// Lets everything through (no backup: the container runs unprotected).
+    /// Lets everything through, held packets and later ones, until [`hold_again`]
+    /// (no backup: the container runs unprotected).
+    ///
+    /// [`hold_again`]: Self::hold_again
     pub fn release_all(&self) {
-        self.release_upto(u64::MAX);
+        if !self.control.passthrough.swap(true, Ordering::SeqCst) {
+            self.control.wake();
+        }
+    }
+
+    /// Ends [`release_all`](Self::release_all): packets arriving from now on are held again
+    /// until their tag is released (a backup is paired again). Packets already let through
+    /// are gone; the caller takes a checkpoint before relying on the hold.
+    pub fn hold_again(&self) {
+        self.control.passthrough.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether everything passes (after [`release_all`](Self::release_all)).
+    pub fn is_passthrough(&self) -> bool {
+        self.control.passthrough.load(Ordering::SeqCst)
     }
 
     /// Packets queued so far.
@@ -282,6 +301,23 @@ impl Drop for OutputHold {
             tracing::warn!("stopping the output hold: {e}");
         }
     }
+}
+
+/// The OUTPUT-chain rule (without `-A`/`-D`) that sends packets leaving through `interface`
+/// (every interface but `lo` when None) to NFQUEUE `queue`.
+pub fn nfqueue_rule(interface: Option<&str>, queue: u16) -> Vec<String> {
+    let mut rule = vec!["OUTPUT".to_string()];
+    match interface {
+        Some(i) => rule.extend(["-o".into(), i.to_string()]),
+        None => rule.extend(["!".into(), "-o".into(), "lo".into()]),
+    }
+    rule.extend([
+        "-j".into(),
+        "NFQUEUE".into(),
+        "--queue-num".into(),
+        queue.to_string(),
+    ]);
+    rule
 }
 
 fn hold_loop(mut q: NfQueue, c: &Control) {
@@ -334,7 +370,11 @@ fn hold_loop(mut q: NfQueue, c: &Control) {
             .fetch_add(u64::try_from(ids.len()).unwrap_or(0), Ordering::SeqCst);
         held.extend(ids.iter().map(|&id| (id, tag)));
 
-        let released = c.released.load(Ordering::SeqCst);
+        let released = if c.passthrough.load(Ordering::SeqCst) {
+            u64::MAX
+        } else {
+            c.released.load(Ordering::SeqCst)
+        };
         let mut last = None;
         let mut n = 0u64;
         while let Some(&(id, t)) = held.front() {
