@@ -927,6 +927,18 @@ fn bad_rrc_config_is_refused_cleanly() -> Result<()> {
                 "--annotation",
                 &key_arg,
             ],
+            "network namespace given by path",
+        ),
+        (
+            "hybrid",
+            vec![
+                "--annotation",
+                "io.containerd.rrc.mode=hybrid",
+                "--annotation",
+                "io.containerd.rrc.peer=198.18.0.11:7070",
+                "--annotation",
+                &key_arg,
+            ],
             "not supported yet",
         ),
         (

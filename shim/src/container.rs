@@ -13,13 +13,14 @@ use containerd_shim::{other, Error, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
-use rrc_config::{Mode, RrcConfig};
+use rrc_config::{Mode, Role, RrcConfig};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use runc::Runc;
 
-use crate::io::{IoSetup, Stdio};
+use crate::io::{replica_streams, IoSetup, ProcessIo, Stdio};
 use crate::options::ShimOptions;
 use crate::process::Process;
+use crate::replica::{self, ReplicaHandle, ReplicaSetup};
 use crate::runc::{kill_error, new_runc, read_pid_file, runtime_error, INIT_PID_FILE};
 
 /// File in the bundle where the shim records the decoded runtime options, so that `delete`
@@ -57,6 +58,23 @@ pub struct Container {
     /// Whether the container shares its pid namespace (then its processes must be killed when
     /// init exits, since the kernel will not).
     shares_pid_ns: bool,
+    /// Replication, for a container in a replicated mode.
+    pub replica: Option<Replication>,
+}
+
+/// A replicated container's replication state.
+pub struct Replication {
+    /// What Create prepared.
+    pub setup: ReplicaSetup,
+    /// The replication task, once started.
+    pub handle: Option<ReplicaHandle>,
+    /// A backup that has not taken over: init is the standby process, there is no runc
+    /// container.
+    pub standby: bool,
+    /// The runc binary.
+    pub runc_binary: String,
+    /// runc's root for this container (namespace included).
+    pub runc_root: PathBuf,
 }
 
 fn spec_shares_pid_ns(spec: &Spec) -> bool {
@@ -82,14 +100,6 @@ pub fn load_config(spec: &Spec, opts: &ShimOptions, bundle: &Path) -> Result<Rrc
     let annotations = spec.annotations().as_ref().unwrap_or(&empty);
     let config = RrcConfig::load(annotations, file.as_deref())
         .map_err(|e| Error::InvalidArgument(format!("rrc: {e}")))?;
-    if config.mode != Mode::Off {
-        return Err(Error::InvalidArgument(format!(
-            "rrc: mode {} is not supported yet by this build of containerd-shim-rrc-v2; \
-             only mode off (a plain runc container) is; remove the io.containerd.rrc.* \
-             annotations or set io.containerd.rrc.mode=off",
-            config.mode
-        )));
-    }
     Ok(config)
 }
 
@@ -103,10 +113,33 @@ impl Container {
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?,
             None => ShimOptions::default(),
         };
-        let spec = Spec::load(bundle.join("config.json"))
+        let mut spec = Spec::load(bundle.join("config.json"))
             .map_err(|e| Error::InvalidArgument(format!("read OCI spec: {e}")))?;
         let config = load_config(&spec, &opts, &bundle)?;
         let stdio = Stdio::new(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
+        let replica = if config.mode == Mode::Off {
+            None
+        } else {
+            if req.terminal {
+                return Err(Error::InvalidArgument(
+                    "rrc: a replicated container cannot have a terminal (its streams must be \
+                     pipes CRIU can checkpoint); run it without -t/--tty"
+                        .into(),
+                ));
+            }
+            Some(Replication {
+                setup: replica::prepare(&bundle, &mut spec, &config)?,
+                handle: None,
+                standby: config.role == Role::Backup,
+                runc_binary: if opts.binary_name.is_empty() {
+                    "runc".to_string()
+                } else {
+                    opts.binary_name.clone()
+                },
+                runc_root: crate::runc::runc_root(&opts, &bundle).join(namespace),
+            })
+        };
+        let standby = replica.as_ref().is_some_and(|r| r.standby);
         let json = serde_json::to_vec(&opts).map_err(|e| other!("encode options: {e}"))?;
         std::fs::write(bundle.join(OPTIONS_FILE), json)
             .map_err(|e| other!("write {}: {e}", OPTIONS_FILE))?;
@@ -126,7 +159,31 @@ impl Container {
 
         let mut init = Process::new(&req.id, stdio.clone(), None);
         let pid_file = bundle.join(INIT_PID_FILE);
+        let replicated = replica.is_some();
         let created = async {
+            if standby {
+                // A backup runs nothing until it takes over.
+                return Ok(());
+            }
+            if replicated {
+                let (pipes, io) = replica_streams(&stdio, &req.id, namespace).await?;
+                let copts = CreateOpts::new()
+                    .pid_file(&pid_file)
+                    .no_pivot(opts.no_pivot_root)
+                    .no_new_keyring(opts.no_new_keyring)
+                    .detach(false)
+                    .io(std::sync::Arc::new(pipes));
+                let result = runc.create(&req.id, &bundle, Some(&copts)).await;
+                drop(copts);
+                if let Err(e) = result {
+                    let mut io = io;
+                    io.close().await;
+                    return Err(runtime_error(&bundle, e, "OCI runtime create failed"));
+                }
+                init.io = io;
+                init.pid = read_pid_file(&pid_file)?;
+                return Ok(());
+            }
             let setup = IoSetup::new(&stdio, &req.id, namespace).await?;
             let mut copts = CreateOpts::new()
                 .pid_file(&pid_file)
@@ -171,6 +228,7 @@ impl Container {
             execs: HashMap::new(),
             cgroup,
             shares_pid_ns: spec_shares_pid_ns(&spec),
+            replica,
         })
     }
 
@@ -212,7 +270,28 @@ impl Container {
                     self.id, self.init.status
                 )));
             }
+            if let Some(r) = self.replica.as_mut() {
+                if r.standby {
+                    // The backup's replication task is started by the task service.
+                    self.init.pid = replica::backup::spawn_standby()?;
+                    self.init.status = Status::RUNNING;
+                    return Ok(self.init.pid);
+                }
+                let ctx = replica::primary::PrimaryCtx {
+                    id: self.id.clone(),
+                    namespace: self.namespace.clone(),
+                    bundle: self.bundle.clone(),
+                    setup: r.setup.clone(),
+                    config: self.config.clone(),
+                    runc_root: r.runc_root.clone(),
+                    runc_binary: r.runc_binary.clone(),
+                };
+                r.handle = Some(replica::primary::start(ctx).await?);
+            }
             if let Err(e) = self.runc.start(&self.id).await {
+                if let Some(h) = self.replica.as_mut().and_then(|r| r.handle.take()) {
+                    h.stop();
+                }
                 return Err(runtime_error(&self.bundle, e, "OCI runtime start failed"));
             }
             self.init.status = Status::RUNNING;
@@ -260,8 +339,53 @@ impl Container {
         Ok(p.pid)
     }
 
+    /// Whether this is a backup that has not taken over (init is the standby process).
+    pub fn is_standby(&self) -> bool {
+        self.replica.as_ref().is_some_and(|r| r.standby)
+    }
+
+    fn refuse_standby(&self, what: &str) -> Result<()> {
+        if self.is_standby() {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} is a backup waiting for its primary: it runs no processes until \
+                 it takes over, so it cannot {what}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// After a failover: the restored init becomes the task's process and the standby exits
+    /// (its exit is not reported: init's pid is no longer its pid).
+    pub fn adopt_restored(&mut self, pid: i32, io: ProcessIo) {
+        let standby = self.init.pid;
+        self.init.pid = pid;
+        self.init.io = io;
+        self.init.status = Status::RUNNING;
+        if let Some(r) = self.replica.as_mut() {
+            r.standby = false;
+        }
+        if standby > 0 {
+            let _ = kill(Pid::from_raw(standby), Signal::SIGKILL);
+        }
+        self.cgroup = u32::try_from(pid)
+            .ok()
+            .and_then(|pid| containerd_shim::cgroup::get_cgroup(pid).ok());
+    }
+
     /// Kill RPC.
     pub async fn kill(&mut self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        if exec_id.is_empty() && self.is_standby() {
+            let sig = i32::try_from(signal)
+                .ok()
+                .and_then(|s| Signal::try_from(s).ok())
+                .ok_or_else(|| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+            if self.init.status != Status::RUNNING {
+                return Err(Error::NotFoundError("process already finished".into()));
+            }
+            return kill(Pid::from_raw(self.init.pid), sig)
+                .map_err(|e| other!("signal the standby process: {e}"));
+        }
         if exec_id.is_empty() {
             return self
                 .runc
@@ -288,8 +412,15 @@ impl Container {
         })
     }
 
-    /// Called when init exits: in a shared pid namespace, kill whatever init left behind.
+    /// Called when init exits: in a shared pid namespace, kill whatever init left behind. A
+    /// primary tells its backup the container stopped; a backup stops listening.
     pub async fn on_init_exit(&mut self) {
+        if let Some(h) = self.replica.as_ref().and_then(|r| r.handle.as_ref()) {
+            h.stop();
+        }
+        if self.is_standby() {
+            return;
+        }
         if self.shares_pid_ns {
             if let Err(e) = self
                 .runc
@@ -354,6 +485,7 @@ impl Container {
 
     /// Exec RPC: records a new exec process (started by Start).
     pub fn add_exec(&mut self, req: &ExecProcessRequest) -> Result<()> {
+        self.refuse_standby("run an exec")?;
         if self.execs.contains_key(&req.exec_id) {
             return Err(crate::task::status(
                 containerd_shim::protos::ttrpc::Code::ALREADY_EXISTS,
@@ -383,6 +515,12 @@ impl Container {
 
     /// Pids RPC.
     pub async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        if self.is_standby() {
+            return Ok(vec![ProcessInfo {
+                pid: u32::try_from(self.init.pid).unwrap_or(0),
+                ..Default::default()
+            }]);
+        }
         let pids = self
             .runc
             .ps(&self.id)
@@ -399,6 +537,7 @@ impl Container {
 
     /// Pause RPC.
     pub async fn pause(&mut self) -> Result<()> {
+        self.refuse_standby("be paused")?;
         if self.init.status != Status::RUNNING {
             return Err(Error::FailedPreconditionError(format!(
                 "cannot pause container {}: it is {:?}",
@@ -548,18 +687,65 @@ mod tests {
         assert_eq!(cfg.mode, Mode::Off);
     }
 
-    #[test]
-    fn replicated_modes_are_refused_as_not_supported_yet() {
-        let dir = tempfile::tempdir().expect("dir");
-        let key = dir.path().join("key");
+    fn replicated(dir: &Path, extra: &[(&str, &str)]) -> (Spec, RrcConfig) {
+        let key = dir.join("key");
         std::fs::write(&key, [1u8; 32]).expect("key");
         let key = key.display().to_string();
-        let spec = spec_with(&[
+        let mut a = vec![
             ("io.containerd.rrc.peer", "198.18.0.3:7070"),
-            ("io.containerd.rrc.auth-key-file", &key),
-        ]);
-        let err = load_config(&spec, &ShimOptions::default(), dir.path()).expect_err("refused");
+            ("io.containerd.rrc.auth-key-file", key.as_str()),
+        ];
+        a.extend_from_slice(extra);
+        let spec = spec_with(&a);
+        let cfg = load_config(&spec, &ShimOptions::default(), dir).expect("valid");
+        (spec, cfg)
+    }
+
+    #[test]
+    fn hybrid_is_refused_as_not_supported_yet() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut spec, cfg) = replicated(dir.path(), &[("io.containerd.rrc.mode", "hybrid")]);
+        let err = replica::prepare(dir.path(), &mut spec, &cfg).expect_err("refused");
         assert!(err.to_string().contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn passive_needs_a_network_namespace_by_path() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut spec, cfg) = replicated(dir.path(), &[]);
+        assert_eq!(cfg.mode, Mode::Passive);
+        let err = replica::prepare(dir.path(), &mut spec, &cfg).expect_err("refused");
+        assert!(
+            err.to_string().contains("network namespace given by path"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn passive_bundle_gets_its_criu_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut spec, cfg) = replicated(dir.path(), &[]);
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        for n in ns.iter_mut() {
+            if n.typ() == LinuxNamespaceType::Network {
+                n.set_path(Some(PathBuf::from("/proc/self/ns/net")));
+            }
+        }
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        let setup = replica::prepare(dir.path(), &mut spec, &cfg).expect("prepared");
+        assert_eq!(setup.netns, PathBuf::from("/proc/self/ns/net"));
+        assert_eq!(setup.key, vec![1u8; 32]);
+        assert_eq!(setup.epoch, replica::DEFAULT_PASSIVE_EPOCH);
+        let saved = Spec::load(dir.path().join("config.json")).expect("saved spec");
+        let conf = saved
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(rrc_checkpoint::CRIU_CONFIG_ANNOTATION))
+            .expect("annotation");
+        let text = std::fs::read_to_string(conf).expect("criu config");
+        assert!(text.contains("network-lock iptables"), "{text}");
     }
 
     #[test]

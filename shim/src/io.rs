@@ -5,6 +5,10 @@
 //! console socket; the shim copies the stdin FIFO into it and its output into the stdout FIFO.
 //! Output given as a log URI (`binary://`, `file://`, see [`crate::logging`]) goes through pipes
 //! to a logging binary or into a file.
+//!
+//! A replicated container's streams are always pipes ([`replica_streams`]): CRIU cannot dump a
+//! FIFO or a file opened from the host's mounts, and a restored container gets pipes again. The
+//! shim copies between those pipes and containerd's FIFOs or log URI.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -404,4 +408,79 @@ mod tests {
             "stdin is a FIFO"
         );
     }
+}
+
+/// The pipe ends a replicated container's init gets as stdin, stdout and stderr.
+#[derive(Debug)]
+pub struct ReplicaPipes {
+    /// Read end of its stdin pipe.
+    pub stdin: OwnedFd,
+    /// Write end of its stdout pipe.
+    pub stdout: OwnedFd,
+    /// Write end of its stderr pipe.
+    pub stderr: OwnedFd,
+}
+
+#[async_trait::async_trait]
+impl runc::io::Io for ReplicaPipes {
+    async fn set(&self, cmd: &mut runc::Command) -> std::io::Result<()> {
+        cmd.stdin(self.stdin.try_clone()?);
+        cmd.stdout(self.stdout.try_clone()?);
+        cmd.stderr(self.stderr.try_clone()?);
+        Ok(())
+    }
+
+    async fn close_after_start(&self) {}
+}
+
+/// Makes the pipes of a replicated container's init (at create, or for a restore) and starts
+/// copying: containerd's stdin FIFO (if any) into the stdin pipe, the output pipes into the
+/// stdout/stderr FIFOs or the log URI's consumer. A replicated container has no terminal.
+pub async fn replica_streams(
+    stdio: &Stdio,
+    id: &str,
+    namespace: &str,
+) -> Result<(ReplicaPipes, ProcessIo)> {
+    if stdio.terminal {
+        return Err(Error::InvalidArgument(
+            "a replicated container cannot have a terminal (its streams must be pipes that \
+             CRIU can checkpoint); run it without -t/--tty"
+                .into(),
+        ));
+    }
+    let (in_r, in_w) = os_pipe()?;
+    let (out_r, out_w) = os_pipe()?;
+    let (err_r, err_w) = os_pipe()?;
+    let logger = match &stdio.output {
+        Output::Fifo { stdout, stderr } => {
+            Some(Logger::copy_to_fifos(stdout, stderr, out_r, err_r))
+        }
+        output => Logger::start(output, id, namespace, out_r, err_r).await?,
+    };
+    if !stdio.stdin.is_empty() {
+        let path = stdio.stdin.clone();
+        tokio::spawn(async move {
+            let mut to = tokio::fs::File::from_std(std::fs::File::from(in_w));
+            match tokio::fs::OpenOptions::new().read(true).open(&path).await {
+                Ok(mut from) => {
+                    if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
+                        tracing::debug!("copying stdin from {path}: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("open stdin FIFO {path}: {e}; stdin closed"),
+            }
+        });
+    }
+    // Without a stdin FIFO the write end is dropped here: the process reads EOF.
+    Ok((
+        ReplicaPipes {
+            stdin: in_r,
+            stdout: out_w,
+            stderr: err_w,
+        },
+        ProcessIo {
+            console: None,
+            logger,
+        },
+    ))
 }

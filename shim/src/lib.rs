@@ -9,6 +9,8 @@
 //! Layout, after containerd's Rust runc shim: [`service`] (start/delete subcommands, the daemon),
 //! [`task`] (the RPCs), [`container`] and [`process`] (state), [`runc`] (reaper-aware runc calls),
 //! [`io`] (FIFOs and terminals), [`logging`] (log URIs), [`options`] (runtime options), [`oom`] (OOM events).
+//! [`status`] is the operator view: the `rrc-status.json` file a replicating shim keeps in its
+//! bundle, and the `status` subcommand that lists and renders those files.
 
 pub mod container;
 pub mod io;
@@ -16,8 +18,10 @@ pub mod logging;
 pub mod oom;
 pub mod options;
 pub mod process;
+pub mod replica;
 pub mod runc;
 pub mod service;
+pub mod status;
 pub mod task;
 
 /// The runtime name containerd knows this shim by.

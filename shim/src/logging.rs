@@ -308,6 +308,37 @@ impl Logger {
         }
     }
 
+    /// Copies a replicated process's output pipes into containerd's stdout and stderr FIFOs
+    /// (empty path: the output is read and dropped, so the process never blocks on a full pipe).
+    pub fn copy_to_fifos(stdout: &str, stderr: &str, out_r: OwnedFd, err_r: OwnedFd) -> Logger {
+        let mut copies = Vec::new();
+        for (path, from) in [(stdout.to_string(), out_r), (stderr.to_string(), err_r)] {
+            copies.push(tokio::spawn(async move {
+                let mut from = tokio::fs::File::from_std(std::fs::File::from(from));
+                let result = if path.is_empty() {
+                    tokio::io::copy(&mut from, &mut tokio::io::sink()).await
+                } else {
+                    // containerd holds the FIFO's read end, so opening it does not block.
+                    match tokio::fs::OpenOptions::new().write(true).open(&path).await {
+                        Ok(mut to) => tokio::io::copy(&mut from, &mut to).await,
+                        Err(e) => {
+                            tracing::warn!("open output FIFO {path}: {e}; output dropped");
+                            tokio::io::copy(&mut from, &mut tokio::io::sink()).await
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!("copying output to {path}: {e}");
+                }
+            }));
+        }
+        Logger {
+            what: format!("output FIFOs {stdout} {stderr}"),
+            pidfd: None,
+            copies,
+        }
+    }
+
     /// Lets the logger finish: the copies, or the binary, get until the process's output ends
     /// (briefly), then a binary gets SIGTERM and, after 10 s more, SIGKILL.
     pub async fn stop(self) {

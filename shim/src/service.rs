@@ -126,6 +126,10 @@ impl Shim for Service {
         tokio::fs::write("address", &address)
             .await
             .map_err(|e| other!("write address: {e}"))?;
+        // As containerd's runc shim does: the daemon's pid, for operators and tools.
+        tokio::fs::write("shim.pid", pid.to_string())
+            .await
+            .map_err(|e| other!("write shim.pid: {e}"))?;
         Ok(address)
     }
 

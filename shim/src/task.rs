@@ -89,6 +89,29 @@ impl TaskService {
     }
 }
 
+impl TaskService {
+    /// Starts a backup's replication task (its standby process is running).
+    async fn start_backup(&self, c: &mut Container) -> containerd_shim::Result<()> {
+        let Some(r) = c.replica.as_mut() else {
+            return Ok(());
+        };
+        let ctx = crate::replica::backup::BackupCtx {
+            id: c.id.clone(),
+            namespace: self.namespace.clone(),
+            bundle: c.bundle.clone(),
+            setup: r.setup.clone(),
+            config: c.config.clone(),
+            runc_root: r.runc_root.clone(),
+            runc_binary: r.runc_binary.clone(),
+            stdio: c.init.stdio.clone(),
+            containers: self.containers.clone(),
+            events: self.events.clone(),
+        };
+        r.handle = Some(crate::replica::backup::start(ctx).await?);
+        Ok(())
+    }
+}
+
 /// Handles one exit reported by the reaper: marks the process stopped and queues TaskExit.
 pub async fn handle_exit(
     containers: &Mutex<HashMap<String, Container>>,
@@ -205,6 +228,15 @@ impl Task for TaskService {
             .ok_or_else(|| not_found(&req.id))
             .map_err(rpc)?;
         let pid = c.start(&req.exec_id).await.map_err(rpc)?;
+        if req.exec_id.is_empty() && c.is_standby() {
+            if let Err(e) = self.start_backup(c).await {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(rpc(e));
+            }
+        }
         let upid = u32::try_from(pid).unwrap_or(0);
         if req.exec_id.is_empty() {
             send_event(

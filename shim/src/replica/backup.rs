@@ -1,0 +1,411 @@
+//! The backup's side of passive mode.
+//!
+//! A backup container does not run its application. Create mounts its rootfs and prepares the
+//! bundle; Start launches a standby process (the task's pid while it waits, so `ctr task ls`
+//! shows it RUNNING) and this loop: listen for the primary, check it (the channel's handshake:
+//! version, key, container id), keep its committed checkpoints, and acknowledge each one once
+//! committed.
+//!
+//! When the primary goes silent past `failover-timeout-ms` (or its connection ends without a
+//! goodbye and it does not come back within that time), the backup fails over:
+//!
+//! 1. drops every packet arriving in the container's network namespace;
+//! 2. puts the primary's service addresses on its interfaces;
+//! 3. restores the last committed checkpoint (`runc restore`, established TCP connections
+//!    included), the container's streams on new pipes copied to containerd's FIFOs or log;
+//! 4. lets packets in again and announces the addresses (gratuitous ARP);
+//! 5. makes the restored init the task's pid (the standby exits unreported) and publishes
+//!    TaskStart with it.
+//!
+//! The status file records each phase's duration.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::events::task::TaskStart;
+use rrc_channel::{Channel, ChannelError, Role as ChannelRole};
+use rrc_checkpoint::{Piece, RestoreOptions, RestoreStdio, Store};
+use rrc_config::RrcConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex};
+
+use super::net::{self, ServiceAddr};
+use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
+use super::{channel_config, checkpointer, ReplicaHandle, ReplicaSetup, StatusFile, STORE_DIR};
+use crate::container::Container;
+use crate::io::{replica_streams, Stdio};
+use crate::status::{FailoverRecord, Role, State};
+use crate::task::{send_event, EventSender};
+
+/// What the backup's loop needs.
+pub struct BackupCtx {
+    /// Container id.
+    pub id: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Bundle.
+    pub bundle: PathBuf,
+    /// What Create prepared.
+    pub setup: ReplicaSetup,
+    /// The container's configuration.
+    pub config: RrcConfig,
+    /// runc's root (with the namespace).
+    pub runc_root: PathBuf,
+    /// The runc binary.
+    pub runc_binary: String,
+    /// The init's streams as containerd gave them.
+    pub stdio: Stdio,
+    /// The shim's containers, to adopt the restored init.
+    pub containers: Arc<Mutex<HashMap<String, Container>>>,
+    /// containerd's event queue.
+    pub events: EventSender,
+}
+
+/// Starts the standby process: the task's pid until a failover. It runs this binary's
+/// `standby` subcommand, which waits for a signal.
+pub fn spawn_standby() -> containerd_shim::Result<i32> {
+    let exe = std::env::current_exe()
+        .map_err(|e| containerd_shim::Error::Other(format!("find own binary: {e}")))?;
+    let child = std::process::Command::new(exe)
+        .arg("standby")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| containerd_shim::Error::Other(format!("start the standby process: {e}")))?;
+    // The shim's reaper collects its exit.
+    i32::try_from(child.id())
+        .map_err(|_| containerd_shim::Error::Other("standby pid out of range".into()))
+}
+
+/// Listens for the primary. Fails (nothing started) if the listen address cannot be bound.
+pub async fn start(ctx: BackupCtx) -> containerd_shim::Result<ReplicaHandle> {
+    let listen = ctx
+        .config
+        .listen
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| format!("0.0.0.0:{}", rrc_config::DEFAULT_LISTEN_PORT));
+    let listener = TcpListener::bind(&listen).await.map_err(|e| {
+        containerd_shim::Error::Other(format!(
+            "rrc: the backup cannot listen on {listen} (io.containerd.rrc.listen): {e}"
+        ))
+    })?;
+    let store = Store::open(&ctx.bundle.join(STORE_DIR))
+        .map_err(|e| containerd_shim::Error::Other(format!("rrc: checkpoint store: {e}")))?;
+    tracing::info!(id = %ctx.id, "backup listening on {listen}");
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(run(ctx, listener, store, rx, listen));
+    Ok(ReplicaHandle::new(tx, task))
+}
+
+/// How a session with a primary ended.
+enum SessionEnd {
+    /// It said goodbye.
+    Goodbye(String),
+    /// It went silent for the failover timeout.
+    Silent(String),
+    /// Its connection ended, or it sent something wrong.
+    Broken(String),
+}
+
+async fn run(
+    ctx: BackupCtx,
+    listener: TcpListener,
+    mut store: Store,
+    mut stop: watch::Receiver<bool>,
+    listen: String,
+) {
+    let mut status = StatusFile::new(&ctx.bundle, &ctx.id, &ctx.namespace, Role::Backup, None);
+    status.set(
+        State::Standby,
+        Some(format!("waiting for a primary on {listen}")),
+    );
+    let mut addresses: Vec<ServiceAddr> = Vec::new();
+    let mut instance: Option<u64> = None;
+    // Set when a primary we hold a checkpoint of was lost: fail over at this instant unless it
+    // comes back.
+    let mut deadline: Option<(Instant, Instant, String)> = None;
+    loop {
+        let accept = tokio::select! {
+            r = listener.accept() => Some(r),
+            _ = sleep_until(deadline.as_ref().map(|d| d.1)) => None,
+            _ = stop.changed() => return,
+        };
+        let (stream, from) = match accept {
+            None => {
+                let Some((lost_at, _, why)) = deadline.take() else {
+                    continue;
+                };
+                failover(&ctx, &store, &addresses, lost_at, &why, &mut status).await;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(id = %ctx.id, "accept: {e}");
+                continue;
+            }
+            Some(Ok(s)) => s,
+        };
+        let cfg = channel_config(&ctx.setup, &ctx.config, &ctx.id, ChannelRole::Backup);
+        let mut ch = match rrc_channel::establish(stream, cfg).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::error!(id = %ctx.id, "refused a primary at {from}: {e}");
+                continue;
+            }
+        };
+        tracing::info!(id = %ctx.id, "paired with the primary at {from}");
+        status.status.peer = Some(from.to_string());
+        status.set(
+            State::Standby,
+            Some("paired; waiting for the first checkpoint".into()),
+        );
+        let end = tokio::select! {
+            e = session(&mut ch, &mut store, &mut addresses, &mut instance, &mut status, &ctx) => e,
+            _ = stop.changed() => return,
+        };
+        store.abandon();
+        drop(ch);
+        match end {
+            SessionEnd::Goodbye(reason) => {
+                tracing::info!(id = %ctx.id, "the primary stopped ({reason}); not taking over");
+                deadline = None;
+                status.set(
+                    State::Standby,
+                    Some(format!("the primary stopped: {reason}")),
+                );
+            }
+            SessionEnd::Silent(why) | SessionEnd::Broken(why) if store.committed().is_none() => {
+                tracing::warn!(id = %ctx.id, "lost the primary before its first checkpoint committed ({why}); nothing to take over");
+                status.set(
+                    State::Standby,
+                    Some(format!("lost the primary before a checkpoint: {why}")),
+                );
+            }
+            SessionEnd::Silent(why) => {
+                // The channel already waited the failover timeout.
+                let now = Instant::now();
+                let lost_at = now.checked_sub(ctx.config.failover_timeout).unwrap_or(now);
+                failover(&ctx, &store, &addresses, lost_at, &why, &mut status).await;
+                return;
+            }
+            SessionEnd::Broken(why) => {
+                let now = Instant::now();
+                tracing::warn!(id = %ctx.id, "lost the primary ({why}); taking over in {:?} unless it comes back", ctx.config.failover_timeout);
+                deadline = Some((now, now + ctx.config.failover_timeout, why));
+            }
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn session(
+    ch: &mut Channel,
+    store: &mut Store,
+    addresses: &mut Vec<ServiceAddr>,
+    instance: &mut Option<u64>,
+    status: &mut StatusFile,
+    ctx: &BackupCtx,
+) -> SessionEnd {
+    loop {
+        let inc = match ch.recv().await {
+            Ok(i) => i,
+            Err(ChannelError::PeerTimeout(d)) => {
+                return SessionEnd::Silent(format!("nothing heard from the primary for {d:?}"))
+            }
+            Err(e) => return SessionEnd::Broken(e.to_string()),
+        };
+        match inc.stream {
+            STREAM_CONTROL => match Control::decode(&inc.payload) {
+                Ok(Control::Pair {
+                    addresses: a,
+                    instance: i,
+                    ..
+                }) => {
+                    if instance.is_some_and(|old| old != i) {
+                        // A new run of the primary: its epochs start again.
+                        tracing::info!(id = %ctx.id, "a new primary instance; dropping the previous one's checkpoint");
+                        let root = ctx.bundle.join(STORE_DIR);
+                        let _ = std::fs::remove_dir_all(&root);
+                        match Store::open(&root) {
+                            Ok(s) => *store = s,
+                            Err(e) => return SessionEnd::Broken(format!("checkpoint store: {e}")),
+                        }
+                        status.status.last_committed_epoch = None;
+                    }
+                    *instance = Some(i);
+                    *addresses = a;
+                    if let Err(e) = ch.acknowledge(inc.seq).await {
+                        return SessionEnd::Broken(e.to_string());
+                    }
+                }
+                Ok(Control::Goodbye { reason }) => {
+                    let _ = ch.acknowledge(inc.seq).await;
+                    return SessionEnd::Goodbye(reason);
+                }
+                Err(e) => return SessionEnd::Broken(e),
+            },
+            STREAM_CHECKPOINT => {
+                let applied = Piece::decode(&inc.payload).and_then(|p| store.apply(p));
+                match applied {
+                    Ok(None) => {}
+                    Ok(Some(epoch)) => {
+                        if let Err(e) = ch.acknowledge(inc.seq).await {
+                            return SessionEnd::Broken(e.to_string());
+                        }
+                        status.status.checkpoints += 1;
+                        status.status.last_committed_epoch = Some(epoch);
+                        status.set(State::InSync, None);
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %ctx.id, "refused a checkpoint from the primary: {e}");
+                        return SessionEnd::Broken(format!("refused a checkpoint: {e}"));
+                    }
+                }
+            }
+            other => {
+                return SessionEnd::Broken(format!(
+                    "protocol error: data on unknown stream {other}"
+                ))
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn failover(
+    ctx: &BackupCtx,
+    store: &Store,
+    addresses: &[ServiceAddr],
+    lost_at: Instant,
+    why: &str,
+    status: &mut StatusFile,
+) {
+    let started = Instant::now();
+    let detection = started.saturating_duration_since(lost_at);
+    let Some((epoch, dir)) = store.committed() else {
+        return;
+    };
+    tracing::warn!(id = %ctx.id, epoch, "the primary is gone ({why}): taking over from checkpoint {epoch}");
+    status.set(
+        State::FailingOver,
+        Some(format!("the primary is gone: {why}")),
+    );
+    let mut record = FailoverRecord {
+        at_unix_ms: crate::status::unix_ms_now(),
+        from_epoch: Some(epoch),
+        detection_ms: ms(detection),
+        restore_ms: 0.0,
+        network_ms: 0.0,
+        total_ms: 0.0,
+        outcome: String::new(),
+    };
+    match take_over(ctx, &dir, addresses, &mut record).await {
+        Ok(pid) => {
+            record.total_ms = ms(started.elapsed()) + record.detection_ms;
+            record.outcome = "live".into();
+            tracing::info!(id = %ctx.id, pid, "live: restored checkpoint {epoch} in {:.0} ms (detection {:.0} ms)", ms(started.elapsed()), record.detection_ms);
+            status.status.record_failover(record);
+            status.status.role = Role::Primary;
+            status.set(
+                State::Live,
+                Some(format!("took over from checkpoint {epoch}; no backup configured for this side: UNPROTECTED")),
+            );
+        }
+        Err(e) => {
+            record.total_ms = ms(started.elapsed()) + record.detection_ms;
+            record.outcome = format!("failed: {e}");
+            tracing::error!(id = %ctx.id, "FAILOVER FAILED: {e}");
+            status.status.record_failover(record);
+            status.set(State::Failed, Some(format!("failover failed: {e}")));
+            // The task ends, so containerd and its clients see the failure.
+            let containers = ctx.containers.lock().await;
+            if let Some(c) = containers.get(&ctx.id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.init.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+async fn take_over(
+    ctx: &BackupCtx,
+    dir: &Path,
+    addresses: &[ServiceAddr],
+    record: &mut FailoverRecord,
+) -> Result<i32, String> {
+    let netns = &ctx.setup.netns;
+    if addresses.is_empty() {
+        return Err("the primary never said which addresses to take over".into());
+    }
+    let t = Instant::now();
+    net::drop_inbound(netns).await?;
+    net::assign(netns, addresses).await?;
+    let mut network = t.elapsed();
+
+    let t = Instant::now();
+    let (pipes, io) = replica_streams(&ctx.stdio, &ctx.id, &ctx.namespace)
+        .await
+        .map_err(|e| format!("streams: {e}"))?;
+    let opts = RestoreOptions {
+        work_dir: Some(ctx.bundle.join("rrc-restore")),
+        stdio: RestoreStdio::Fds {
+            stdin: pipes.stdin,
+            stdout: pipes.stdout,
+            stderr: pipes.stderr,
+        },
+        ..RestoreOptions::default()
+    };
+    let restored = checkpointer(&ctx.runc_root, &ctx.runc_binary)
+        .restore(&ctx.id, &ctx.bundle, dir, opts)
+        .await;
+    record.restore_ms = ms(t.elapsed());
+    let report = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = net::allow_inbound(netns).await;
+            let _ = net::unassign(netns, addresses).await;
+            return Err(format!("restore: {e}"));
+        }
+    };
+
+    let t = Instant::now();
+    let lifted = net::allow_inbound(netns).await;
+    let announced = net::announce(netns, addresses).await;
+    network += t.elapsed();
+    record.network_ms = ms(network);
+    if let Err(e) = lifted.and(announced) {
+        tracing::error!(id = %ctx.id, "after the restore: {e}");
+    }
+
+    let pid = report.pid;
+    let mut containers = ctx.containers.lock().await;
+    let Some(c) = containers.get_mut(&ctx.id) else {
+        return Err("the task was deleted during the failover".into());
+    };
+    c.adopt_restored(pid, io);
+    drop(containers);
+    send_event(
+        &ctx.events,
+        TaskStart {
+            container_id: ctx.id.clone(),
+            pid: u32::try_from(pid).unwrap_or(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    Ok(pid)
+}

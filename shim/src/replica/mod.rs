@@ -1,0 +1,229 @@
+//! Passive-mode replication of one container (issue 3's design in `docs/passive-mode.md`).
+//!
+//! * [`primary`]: the epoch loop on the primary: hold outputs, checkpoint with CRIU, stream the
+//!   checkpoint to the backup, release the outputs of the previous epoch once it committed.
+//! * [`backup`]: the backup's side: a standby task that stores committed checkpoints and, when the
+//!   primary is gone, restores the last one, takes the service address and goes live.
+//! * [`wire`]: the control messages the pair exchanges besides checkpoint pieces.
+//! * [`net`]: the container's network namespace: addresses, the output hold's iptables rule,
+//!   taking over an address.
+//! * [`runner`]: running commands (runc, CRIU, ip, iptables) without losing their exit status
+//!   to the shim's reaper.
+//!
+//! What Create does for a replicated container is [`prepare`]: it checks the spec (a network
+//! namespace given by path, no terminal), reads the key, and names a CRIU configuration file in
+//! the spec.
+
+pub mod backup;
+pub mod net;
+pub mod primary;
+pub mod runner;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim::{Error, Result};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use rrc_checkpoint::CRIU_CONFIG_ANNOTATION;
+use rrc_config::{Mode, RrcConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The CRIU configuration file in the bundle (named by the spec's `org.criu.config`).
+pub const CRIU_CONFIG_FILE: &str = "rrc-criu.conf";
+/// The backup's checkpoint store, in its bundle.
+pub const STORE_DIR: &str = "rrc-store";
+/// The primary's checkpoint images while they are sent, in its bundle.
+pub const EPOCHS_DIR: &str = "rrc-epochs";
+/// The epoch of passive mode when none is configured: what full CRIU dumps sustain here (a dump
+/// freezes the container for 67–136 ms; see README).
+pub const DEFAULT_PASSIVE_EPOCH: Duration = Duration::from_millis(1000);
+
+/// What Create learned about a replicated container.
+#[derive(Debug, Clone)]
+pub struct ReplicaSetup {
+    /// The container's network namespace (a path; external to CRIU's dumps).
+    pub netns: PathBuf,
+    /// The shared key.
+    pub key: Vec<u8>,
+    /// The epoch length.
+    pub epoch: Duration,
+}
+
+/// Checks and prepares a replicated container's bundle: the spec must name its network
+/// namespace by path; the auth key is read; `org.criu.config` is set to a file in the bundle
+/// (written here) so CRIU locks the network with nftables inside the container's namespace.
+/// The spec is saved back to `config.json`.
+pub fn prepare(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<ReplicaSetup> {
+    if config.mode == Mode::Hybrid {
+        return Err(Error::InvalidArgument(
+            "rrc: mode hybrid is not supported yet by this build of containerd-shim-rrc-v2; \
+             set io.containerd.rrc.mode=passive"
+                .into(),
+        ));
+    }
+    let netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network))
+        .and_then(|n| n.path().clone())
+        .ok_or_else(|| {
+            Error::InvalidArgument(
+                "rrc: a replicated container must join a network namespace given by path \
+                 (ctr run --with-ns network:/var/run/netns/NAME, or a pod's sandbox): its \
+                 address moves to the backup's namespace on failover"
+                    .into(),
+            )
+        })?;
+    if !netns.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "rrc: the container's network namespace {} does not exist",
+            netns.display()
+        )));
+    }
+    let key_file = config.auth_key_file.as_ref().ok_or_else(|| {
+        Error::InvalidArgument(
+            "rrc: a replicated container needs io.containerd.rrc.auth-key-file (the key \
+             primary and backup share)"
+                .into(),
+        )
+    })?;
+    let key = std::fs::read(key_file).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "rrc: cannot read io.containerd.rrc.auth-key-file {}: {e}",
+            key_file.display()
+        ))
+    })?;
+    let conf = bundle.join(CRIU_CONFIG_FILE);
+    std::fs::write(
+        &conf,
+        "# Written by containerd-shim-rrc-v2: CRIU's options for this container's checkpoints.\n\
+         network-lock iptables\n",
+    )
+    .map_err(|e| Error::Other(format!("write {}: {e}", conf.display())))?;
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    annotations.insert(
+        CRIU_CONFIG_ANNOTATION.to_string(),
+        conf.display().to_string(),
+    );
+    spec.set_annotations(Some(annotations));
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| Error::Other(format!("write config.json: {e}")))?;
+    let epoch = if config.sources.contains_key("epoch-ms") {
+        config.epoch
+    } else {
+        DEFAULT_PASSIVE_EPOCH
+    };
+    Ok(ReplicaSetup { netns, key, epoch })
+}
+
+/// A running replication task and the switch that stops it.
+pub struct ReplicaHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ReplicaHandle {
+    /// Wraps a task that watches `stop`.
+    pub fn new(stop: watch::Sender<bool>, task: JoinHandle<()>) -> ReplicaHandle {
+        ReplicaHandle { stop, task }
+    }
+
+    /// Asks the task to end (the primary says goodbye to its backup, so it does not take over).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Ends the task at once.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for ReplicaHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The checkpointer for a container of this runc root, running commands through the shim's
+/// reaper, with CRIU from `PATH` or where `integration/setup.sh` installs it.
+pub fn checkpointer(
+    runc_root: &Path,
+    runc_binary: &str,
+) -> rrc_checkpoint::Checkpointer<runner::ShimRunner> {
+    let criu = rrc_checkpoint::resolve_binary(Path::new("criu"))
+        .or_else(|| rrc_checkpoint::resolve_binary(Path::new("/usr/local/sbin/criu")))
+        .unwrap_or_else(|| PathBuf::from("criu"));
+    rrc_checkpoint::Checkpointer::with_runner(runner::ShimRunner, runc_root)
+        .runc_binary(runc_binary)
+        .criu_binary(criu)
+}
+
+/// The replication channel's settings for this container.
+pub fn channel_config(
+    setup: &ReplicaSetup,
+    config: &RrcConfig,
+    id: &str,
+    role: rrc_channel::Role,
+) -> rrc_channel::Config {
+    let mut cfg = rrc_channel::Config::new(setup.key.clone(), id, role);
+    cfg.heartbeat = config.heartbeat;
+    cfg.timeout = config.failover_timeout;
+    cfg
+}
+
+/// The container's status file (see [`crate::status`]), kept up to date by the replication task.
+pub struct StatusFile {
+    bundle: PathBuf,
+    /// What is written.
+    pub status: crate::status::ReplicaStatus,
+}
+
+impl StatusFile {
+    /// A status for a container in `role`.
+    pub fn new(
+        bundle: &Path,
+        id: &str,
+        namespace: &str,
+        role: crate::status::Role,
+        peer: Option<String>,
+    ) -> StatusFile {
+        StatusFile {
+            bundle: bundle.to_path_buf(),
+            status: crate::status::ReplicaStatus {
+                version: crate::status::STATUS_VERSION,
+                container_id: id.to_string(),
+                namespace: namespace.to_string(),
+                mode: Mode::Passive.as_str().to_string(),
+                role,
+                state: crate::status::State::Starting,
+                detail: None,
+                peer,
+                pid: Some(std::process::id()),
+                last_committed_epoch: None,
+                last_checkpoint: None,
+                checkpoints: 0,
+                failovers: Vec::new(),
+                updated_unix_ms: crate::status::unix_ms_now(),
+            },
+        }
+    }
+
+    /// Sets the state and detail and writes the file (a failure to write is logged).
+    pub fn set(&mut self, state: crate::status::State, detail: Option<String>) {
+        self.status.state = state;
+        self.status.detail = detail;
+        self.save();
+    }
+
+    /// Writes the file.
+    pub fn save(&mut self) {
+        self.status.updated_unix_ms = crate::status::unix_ms_now();
+        if let Err(e) = crate::status::write(&self.bundle, &self.status) {
+            tracing::warn!("cannot write the replication status: {e}");
+        }
+    }
+}

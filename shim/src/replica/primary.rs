@@ -1,0 +1,354 @@
+//! The primary's side of passive mode.
+//!
+//! ```text
+//! epoch e:  hold.set_tag(e)                  packets produced from now on carry tag e
+//!           dump (runc checkpoint --leave-running, CRIU freezes the container briefly)
+//!           stream the images to the backup; it commits them and acknowledges
+//!           hold.release_upto(e - 1)          outputs of epoch e-1 depend only on checkpoint e
+//! ```
+//!
+//! Unpaired (no backup yet, or the backup was lost) the hold lets everything through and the
+//! status says the container is unprotected. The loop keeps trying to reach the backup; when it
+//! does, the next checkpoint is a full one (every checkpoint is, for now) and holding resumes.
+//! When the container stops on purpose the backup is told (`Goodbye`), so it does not take over.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use containerd_shim::{Error, Result};
+use rrc_channel::{Channel, Role as ChannelRole};
+use rrc_checkpoint::{send_dir, Checkpointer, DumpOptions, TransferError};
+use rrc_config::RrcConfig;
+use rrc_output_hold::{nfqueue_rule, OutputHold};
+use tokio::sync::watch;
+
+use super::net;
+use super::runner::ShimRunner;
+use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
+use super::{channel_config, checkpointer, ReplicaHandle, ReplicaSetup, StatusFile, EPOCHS_DIR};
+use crate::status::{CheckpointFigures, Role, State};
+
+/// Consecutive failed checkpoints after which a paired primary stops holding outputs (and says
+/// it is unprotected) rather than stall its clients.
+const MAX_FAILED_DUMPS: u32 = 3;
+/// How long to wait between attempts to reach the backup.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+/// What the primary's loop needs.
+pub struct PrimaryCtx {
+    /// Container id.
+    pub id: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Bundle.
+    pub bundle: PathBuf,
+    /// What Create prepared.
+    pub setup: ReplicaSetup,
+    /// The container's configuration.
+    pub config: RrcConfig,
+    /// runc's root (with the namespace).
+    pub runc_root: PathBuf,
+    /// The runc binary.
+    pub runc_binary: String,
+}
+
+/// The NFQUEUE number a container's hold uses (in its own network namespace).
+fn queue_number(id: &str) -> u16 {
+    let h = id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    u16::try_from(1000 + h % 1000).unwrap_or(1000)
+}
+
+/// Starts holding the container's outputs (call before `runc start`, so nothing leaves
+/// unaccounted) and the epoch loop. Fails, with nothing left behind, if the hold cannot be set
+/// up.
+pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
+    let queue = queue_number(&ctx.id);
+    let netns = ctx.setup.netns.clone();
+    let hold = tokio::task::spawn_blocking(move || OutputHold::bind(&netns, queue))
+        .await
+        .map_err(|e| Error::Other(format!("output hold: {e}")))?
+        .map_err(|e| Error::Other(format!("rrc: cannot hold the container's outputs: {e}")))?;
+    // Unpaired until the backup answers: outputs flow.
+    hold.release_all();
+    let rule = nfqueue_rule(None, queue);
+    // A rule left by a shim that was killed would send packets to a queue nobody reads.
+    let mut del = vec!["-D".to_string()];
+    del.extend(rule.iter().cloned());
+    while net::iptables(&ctx.setup.netns, &del).await.is_ok() {
+        tracing::warn!(id = %ctx.id, "removed an output-hold rule left by an earlier shim");
+    }
+    let mut add = vec!["-A".to_string()];
+    add.extend(rule.iter().cloned());
+    net::iptables(&ctx.setup.netns, &add)
+        .await
+        .map_err(|e| Error::Other(format!("rrc: cannot install the output hold's rule: {e}")))?;
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(run(ctx, hold, rule, rx));
+    Ok(ReplicaHandle::new(tx, task))
+}
+
+enum End {
+    /// The container stopped: say goodbye.
+    Stopped,
+    /// The backup is gone (or refused a checkpoint).
+    Lost(String),
+}
+
+async fn run(
+    ctx: PrimaryCtx,
+    hold: OutputHold,
+    rule: Vec<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = ctx
+        .config
+        .peer
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let mut status = StatusFile::new(
+        &ctx.bundle,
+        &ctx.id,
+        &ctx.namespace,
+        Role::Primary,
+        Some(peer.clone()),
+    );
+    status.set(
+        State::WaitingForBackup,
+        Some(format!("connecting to the backup at {peer}")),
+    );
+    let checkpointer = checkpointer(&ctx.runc_root, &ctx.runc_binary);
+    let instance = instance_id();
+    let mut epoch = 0u64;
+    let mut last_error = String::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let cfg = channel_config(&ctx.setup, &ctx.config, &ctx.id, ChannelRole::Primary);
+        let connected = tokio::select! {
+            r = rrc_channel::connect(&peer, cfg) => Some(r),
+            _ = stop.changed() => None,
+        };
+        let ch = match connected {
+            None => break,
+            Some(Ok(ch)) => ch,
+            Some(Err(e)) => {
+                let msg = format!("cannot reach the backup at {peer}: {e}");
+                if msg != last_error {
+                    tracing::warn!(id = %ctx.id, "{msg}; the container runs UNPROTECTED until it can");
+                    last_error = msg.clone();
+                }
+                let state = if status.status.checkpoints == 0 {
+                    State::WaitingForBackup
+                } else {
+                    State::Unprotected
+                };
+                status.set(state, Some(msg));
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT) => {}
+                    _ = stop.changed() => break,
+                }
+                continue;
+            }
+        };
+        last_error.clear();
+        tracing::info!(id = %ctx.id, "paired with the backup at {peer}");
+        let end = tokio::select! {
+            r = session(&ctx, &ch, &checkpointer, &hold, &mut epoch, &mut status, instance) => End::Lost(r),
+            _ = stop.changed() => End::Stopped,
+        };
+        match end {
+            End::Stopped => {
+                let bye = Control::Goodbye {
+                    reason: "the container stopped".into(),
+                };
+                if let Ok(seq) = ch.send(STREAM_CONTROL, &bye.encode()).await {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ch.wait_acked(seq)).await;
+                }
+                break;
+            }
+            End::Lost(why) => {
+                hold.release_all();
+                tracing::error!(id = %ctx.id, "lost the backup: {why}; the container runs UNPROTECTED");
+                status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
+            }
+        }
+    }
+    let mut del = vec!["-D".to_string()];
+    del.extend(rule);
+    if let Err(e) = net::iptables(&ctx.setup.netns, &del).await {
+        tracing::debug!(id = %ctx.id, "removing the output hold's rule: {e}");
+    }
+    hold.release_all();
+    drop(hold);
+    let _ = std::fs::remove_dir_all(ctx.bundle.join(EPOCHS_DIR));
+    status.set(State::Stopped, None);
+}
+
+/// A number that differs between two runs of a primary, so a backup knows a new one.
+fn instance_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    u64::try_from(t % u128::from(u64::MAX)).unwrap_or(0) ^ u64::from(std::process::id())
+}
+
+/// One pairing: checkpoints until something fails; returns why.
+async fn session(
+    ctx: &PrimaryCtx,
+    ch: &Channel,
+    checkpointer: &Checkpointer<ShimRunner>,
+    hold: &OutputHold,
+    epoch: &mut u64,
+    status: &mut StatusFile,
+    instance: u64,
+) -> String {
+    let addresses = match net::addresses(&ctx.setup.netns).await {
+        Ok(a) => a,
+        Err(e) => return format!("cannot read the container's addresses: {e}"),
+    };
+    let pair = Control::Pair {
+        addresses,
+        epoch_ms: u64::try_from(ctx.setup.epoch.as_millis()).unwrap_or(u64::MAX),
+        instance,
+    };
+    if let Err(e) = ch.send(STREAM_CONTROL, &pair.encode()).await {
+        return e.to_string();
+    }
+    let mut protected = false;
+    let mut failures = 0u32;
+    let epochs = ctx.bundle.join(EPOCHS_DIR);
+    loop {
+        let started = Instant::now();
+        *epoch += 1;
+        let e = *epoch;
+        hold.set_tag(e);
+        if !protected {
+            hold.hold_again();
+        }
+        let dir = epochs.join(e.to_string());
+        let dumped = checkpointer
+            .dump(&ctx.id, &dir, &DumpOptions::default())
+            .await;
+        let report = match dumped {
+            Ok(r) => r,
+            Err(err) => {
+                remove_epoch(&dir);
+                failures += 1;
+                tracing::error!(id = %ctx.id, epoch = e, "checkpoint failed: {err}");
+                if failures >= MAX_FAILED_DUMPS && protected {
+                    hold.release_all();
+                    protected = false;
+                    status.set(
+                        State::Unprotected,
+                        Some(format!(
+                            "{failures} checkpoints in a row failed; last: {err}"
+                        )),
+                    );
+                }
+                tokio::time::sleep_until((started + ctx.setup.epoch).into()).await;
+                continue;
+            }
+        };
+        failures = 0;
+        let dump_ms = ms(report.wall);
+        let frozen_ms = report.stats.as_ref().map(|s| ms(s.paused())).unwrap_or(0.0);
+        let sending = Instant::now();
+        let seq = match send_checkpoint(ch, &report.image_dir, e).await {
+            Ok(s) => s,
+            Err(why) => {
+                remove_epoch(&dir);
+                return why;
+            }
+        };
+        let transfer_ms = ms(sending.elapsed());
+        let waiting = Instant::now();
+        if let Err(err) = ch.wait_acked(seq).await {
+            remove_epoch(&dir);
+            return err.to_string();
+        }
+        hold.release_upto(e - 1);
+        remove_epoch(&dir);
+        if !protected {
+            protected = true;
+            tracing::info!(id = %ctx.id, epoch = e, "protected: the backup committed a checkpoint");
+        }
+        let s = &mut status.status;
+        s.checkpoints += 1;
+        s.last_committed_epoch = Some(e);
+        s.last_checkpoint = Some(CheckpointFigures {
+            epoch: e,
+            frozen_ms,
+            dump_ms,
+            transfer_ms,
+            commit_wait_ms: ms(waiting.elapsed()),
+            bytes: report.image_bytes,
+            fs_delta_bytes: 0,
+            at_unix_ms: crate::status::unix_ms_now(),
+        });
+        status.set(State::Protected, None);
+        tokio::time::sleep_until((started + ctx.setup.epoch).into()).await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn remove_epoch(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut work = dir.as_os_str().to_owned();
+    work.push(".work");
+    let _ = std::fs::remove_dir_all(PathBuf::from(work));
+}
+
+/// Streams an image directory; returns the sequence number of its last piece.
+async fn send_checkpoint(ch: &Channel, dir: &Path, epoch: u64) -> std::result::Result<u64, String> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let d = dir.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || {
+        send_dir(&d, epoch, |p| {
+            tx.blocking_send(p.encode())
+                .map_err(|_| TransferError::Sequence("the sender stopped".into()))
+        })
+    });
+    let mut last = None;
+    let mut failed = None;
+    while let Some(bytes) = rx.recv().await {
+        match ch.send(STREAM_CHECKPOINT, &bytes).await {
+            Ok(seq) => last = Some(seq),
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let produced = producer.await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    match produced {
+        Ok(Ok(())) => last.ok_or_else(|| "an empty checkpoint".to_string()),
+        Ok(Err(e)) => Err(format!("reading checkpoint {epoch}: {e}")),
+        Err(e) => Err(format!("checkpoint sender: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_numbers_stay_in_range() {
+        for id in ["", "redis", "a-very-long-container-id-0123456789abcdef"] {
+            let q = queue_number(id);
+            assert!((1000..2000).contains(&q), "{q}");
+        }
+        assert_eq!(queue_number("redis"), queue_number("redis"));
+    }
+}
