@@ -23,7 +23,9 @@ use anyhow::{anyhow, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rrc_integration::checker::{verify, Checker};
-use rrc_integration::{image, integration_unavailable, wait_for, Host, TestBed, RRC_RUNTIME};
+use rrc_integration::{
+    image, integration_unavailable, netns_pids, wait_for, Host, TestBed, RRC_RUNTIME,
+};
 use serde_json::Value;
 
 /// The tests use the same test hosts' names and ports; one at a time.
@@ -193,6 +195,30 @@ impl Pair {
                 Ok(())
             })?;
             let _ = host.ctr(&["container", "rm", ID]);
+            // The shim exits once its last task is deleted.
+            wait_for(Duration::from_secs(10), || {
+                let left: Vec<i32> = netns_pids(host.netns())
+                    .into_iter()
+                    .filter(|p| {
+                        fs::read_to_string(format!("/proc/{p}/comm"))
+                            .is_ok_and(|c| c.starts_with("containerd-shim"))
+                    })
+                    .collect();
+                let ps: Vec<String> = left
+                    .iter()
+                    .map(|p| {
+                        let stat =
+                            fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                        let cmd = fs::read_to_string(format!("/proc/{p}/cmdline"))
+                            .unwrap_or_default()
+                            .replace('\0', " ");
+                        format!("{stat} | {cmd}")
+                    })
+                    .collect();
+                ensure!(left.is_empty(), "shims still running on {h}: {ps:?}");
+                Ok(())
+            })
+            .with_context(|| host.containerd_log_tail())?;
         }
         let svc = self.host("svc").netns().to_string();
         let _ = Command::new("ip")
@@ -359,4 +385,140 @@ fn failover_keeps_connections_and_acknowledged_writes() -> Result<()> {
         eprintln!("passive failover: {n}/{n} recovered; median longest client stall {s:?}, median restore {r:.0} ms");
     }
     Ok(())
+}
+
+/// SIGKILLs every process of ours (shim daemon and standby) on `host`.
+fn kill_shims(host: &Host) {
+    for p in netns_pids(host.netns()) {
+        if fs::read_to_string(format!("/proc/{p}/comm"))
+            .is_ok_and(|c| c.starts_with("containerd-shim"))
+        {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn backup_loss_leaves_the_primary_serving_and_it_pairs_again() -> Result<()> {
+    if let Some(why) = integration_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return Ok(());
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = Pair::new()?;
+    pair.start()?;
+    let client = pair.host("client");
+    let checker = Checker::start(&client.netns_path(), pair.service(), 4);
+    std::thread::sleep(CONNECTIONS_SETTLE);
+
+    // The backup dies: the primary keeps serving, unprotected, and says so.
+    let backup = pair.host("backup");
+    kill_shims(backup);
+    let lost = Instant::now();
+    let st = wait_state(
+        pair.host("primary"),
+        &["unprotected"],
+        Duration::from_secs(10),
+    )?;
+    eprintln!(
+        "backup killed: primary unprotected after {:?} ({})",
+        lost.elapsed(),
+        st["detail"]
+    );
+    // containerd notices the dead shim and cleans its task up.
+    let rm = backup.ctr(&["task", "rm", "-f", ID])?;
+    let err = String::from_utf8_lossy(&rm.stderr);
+    ensure!(
+        rm.status.success() || err.contains("not found"),
+        "task rm on the backup: {err}"
+    );
+    backup.ctr_ok(&["container", "rm", ID])?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A new backup: the primary pairs again with a full checkpoint and is protected.
+    pair.start_backup()?;
+    let repaired = Instant::now();
+    wait_state(
+        pair.host("primary"),
+        &["protected"],
+        Duration::from_secs(30),
+    )?;
+    eprintln!(
+        "new backup: primary protected again after {:?}",
+        repaired.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // And a primary failure is survived.
+    pair.kill_primary()?;
+    let st = wait_state(backup, &["live", "failed"], Duration::from_secs(30))?;
+    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = checker.stop();
+    ensure!(
+        report.broken().is_empty(),
+        "connections broke: {:?}",
+        report.broken()
+    );
+    let problems = verify(&client.netns_path(), pair.service(), &report)?;
+    ensure!(
+        problems.is_empty(),
+        "acknowledged writes lost: {problems:?}"
+    );
+    eprintln!(
+        "after backup loss, re-pairing and a primary kill: {} writes acknowledged, none lost, no connection broken",
+        report.acknowledged()
+    );
+    pair.reset()
+}
+
+#[test]
+fn a_backup_with_another_key_is_refused_and_the_primary_keeps_serving() -> Result<()> {
+    if let Some(why) = integration_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return Ok(());
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = Pair::new()?;
+    pair.start_backup()?;
+    // The primary holds another key.
+    let other = pair.bed.dir().join("other.key");
+    fs::write(&other, [7u8; 32])?;
+    pair.key = other;
+    pair.start_primary()?;
+    let st = wait_state(
+        pair.host("primary"),
+        &["waiting-for-backup"],
+        Duration::from_secs(20),
+    )?;
+    let detail = st["detail"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        detail.contains("authentication failed") || detail.contains("refused"),
+        "the primary's status does not say why it is not paired: {detail}"
+    );
+    // Nothing reached the backup's store, and the container serves (unprotected).
+    std::thread::sleep(Duration::from_secs(2));
+    let b = status(pair.host("backup"))?;
+    ensure!(
+        b["state"] == "standby" && b["checkpoints"] == 0,
+        "the backup took something from a primary with the wrong key: {b}"
+    );
+    let log = fs::read_to_string(pair.host("backup").containerd_log())?;
+    ensure!(
+        log.contains("refused a primary") && log.contains("authentication failed"),
+        "the backup's log does not name the refusal"
+    );
+    let client = pair.host("client");
+    let checker = Checker::start(&client.netns_path(), pair.service(), 2);
+    std::thread::sleep(Duration::from_secs(1));
+    let report = checker.stop();
+    ensure!(
+        report.acknowledged() > 100 && report.broken().is_empty(),
+        "the unpaired primary does not serve: {report:?}"
+    );
+    eprintln!(
+        "wrong key: refused on both sides ({detail}); primary served {} writes",
+        report.acknowledged()
+    );
+    pair.reset()
 }

@@ -459,15 +459,17 @@ pub async fn replica_streams(
     };
     if !stdio.stdin.is_empty() {
         let path = stdio.stdin.clone();
+        let to = pipe::Sender::from_owned_fd(in_w).map_err(|e| other!("stdin pipe: {e}"))?;
+        // Opened non-blocking (a blocking open waits for a writer) and read through epoll, so
+        // the copy never pins a thread the shim would wait for at exit.
+        let from = pipe::OpenOptions::new()
+            .read_write(false)
+            .open_receiver(&path)
+            .map_err(|e| other!("open stdin FIFO {path}: {e}"))?;
         tokio::spawn(async move {
-            let mut to = tokio::fs::File::from_std(std::fs::File::from(in_w));
-            match tokio::fs::OpenOptions::new().read(true).open(&path).await {
-                Ok(mut from) => {
-                    if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
-                        tracing::debug!("copying stdin from {path}: {e}");
-                    }
-                }
-                Err(e) => tracing::warn!("open stdin FIFO {path}: {e}; stdin closed"),
+            let (mut from, mut to) = (from, to);
+            if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
+                tracing::debug!("copying stdin from {path}: {e}");
             }
         });
     }

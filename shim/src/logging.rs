@@ -314,12 +314,20 @@ impl Logger {
         let mut copies = Vec::new();
         for (path, from) in [(stdout.to_string(), out_r), (stderr.to_string(), err_r)] {
             copies.push(tokio::spawn(async move {
-                let mut from = tokio::fs::File::from_std(std::fs::File::from(from));
+                // Non-blocking, epoll-driven ends: a copy never pins a thread of the blocking
+                // pool (the shim could not exit while one waits).
+                let mut from = match tokio::net::unix::pipe::Receiver::from_owned_fd(from) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("output pipe: {e}");
+                        return;
+                    }
+                };
                 let result = if path.is_empty() {
                     tokio::io::copy(&mut from, &mut tokio::io::sink()).await
                 } else {
-                    // containerd holds the FIFO's read end, so opening it does not block.
-                    match tokio::fs::OpenOptions::new().write(true).open(&path).await {
+                    // containerd holds the FIFO's read end, so opening it does not fail.
+                    match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
                         Ok(mut to) => tokio::io::copy(&mut from, &mut to).await,
                         Err(e) => {
                             tracing::warn!("open output FIFO {path}: {e}; output dropped");
