@@ -39,6 +39,8 @@ const CONNECTIONS_SETTLE: Duration = Duration::from_secs(3);
 struct Pair {
     bed: TestBed,
     key: PathBuf,
+    /// redis keeps an append-only file (in the container's writable layer).
+    aof: bool,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -70,7 +72,11 @@ impl Pair {
         let mut bytes = [0u8; 32];
         fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
         fs::write(&key, bytes)?;
-        Ok(Pair { bed, key })
+        Ok(Pair {
+            bed,
+            key,
+            aof: false,
+        })
     }
 
     fn host(&self, name: &str) -> &Host {
@@ -107,11 +113,24 @@ impl Pair {
                 "no",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                "--dir",
+                "/data",
             ]
             .map(String::from),
         );
+        let aof: &[&str] = if self.aof {
+            &[
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--enable-debug-command",
+                "yes",
+            ]
+        } else {
+            &["--appendonly", "no"]
+        };
+        args.extend(aof.iter().map(|a| a.to_string()));
         args
     }
 
@@ -518,6 +537,72 @@ fn a_backup_with_another_key_is_refused_and_the_primary_keeps_serving() -> Resul
     );
     eprintln!(
         "wrong key: refused on both sides ({detail}); primary served {} writes",
+        report.acknowledged()
+    );
+    pair.reset()
+}
+
+#[test]
+fn the_writable_layer_travels_with_each_checkpoint() -> Result<()> {
+    if let Some(why) = integration_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return Ok(());
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = Pair::new()?;
+    // redis appends every write to /data/appendonlydir/* (fsync always): its files must match
+    // its memory at every checkpoint, or the restore fails (CRIU checks open files' sizes) or
+    // the file lacks writes.
+    pair.aof = true;
+    pair.start()?;
+    let client = pair.host("client");
+    let checker = Checker::start(&client.netns_path(), pair.service(), 2);
+    std::thread::sleep(CONNECTIONS_SETTLE);
+    let st = status(pair.host("primary"))?;
+    let fs_bytes = st["last_checkpoint"]["fs_delta_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        fs_bytes > 0,
+        "the last checkpoint carried no writable-layer delta: {st}"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    pair.kill_primary()?;
+    let st = wait_state(
+        pair.host("backup"),
+        &["live", "failed"],
+        Duration::from_secs(30),
+    )?;
+    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = checker.stop();
+    ensure!(
+        report.broken().is_empty(),
+        "connections broke: {:?}",
+        report.broken()
+    );
+    let problems = verify(&client.netns_path(), pair.service(), &report)?;
+    ensure!(
+        problems.is_empty(),
+        "acknowledged writes lost: {problems:?}"
+    );
+    // Reload the data set from the append-only file the backup's rootfs holds now.
+    let out = client
+        .command("redis-cli")
+        .args(["-h", &pair.host("svc").ip().to_string(), "DEBUG", "LOADAOF"])
+        .output()?;
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        out.status.success() && reply == "OK",
+        "DEBUG LOADAOF: {reply}"
+    );
+    let problems = verify(&client.netns_path(), pair.service(), &report)?;
+    ensure!(
+        problems.is_empty(),
+        "the append-only file after failover lacks acknowledged writes: {problems:?}"
+    );
+    eprintln!(
+        "writable layer: last delta before the kill {fs_bytes} bytes; after failover and a reload from the AOF, all {} acknowledged writes present",
         report.acknowledged()
     );
     pair.reset()

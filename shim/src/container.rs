@@ -128,7 +128,12 @@ impl Container {
                 ));
             }
             Some(Replication {
-                setup: replica::prepare(&bundle, &mut spec, &config)?,
+                setup: replica::prepare(
+                    &bundle,
+                    &mut spec,
+                    &config,
+                    replica::fs::upper_dir(&req.rootfs),
+                )?,
                 handle: None,
                 standby: config.role == Role::Backup,
                 runc_binary: if opts.binary_name.is_empty() {
@@ -705,7 +710,7 @@ mod tests {
     fn hybrid_is_refused_as_not_supported_yet() {
         let dir = tempfile::tempdir().expect("dir");
         let (mut spec, cfg) = replicated(dir.path(), &[("io.containerd.rrc.mode", "hybrid")]);
-        let err = replica::prepare(dir.path(), &mut spec, &cfg).expect_err("refused");
+        let err = replica::prepare(dir.path(), &mut spec, &cfg, None).expect_err("refused");
         assert!(err.to_string().contains("not supported yet"), "{err}");
     }
 
@@ -714,7 +719,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (mut spec, cfg) = replicated(dir.path(), &[]);
         assert_eq!(cfg.mode, Mode::Passive);
-        let err = replica::prepare(dir.path(), &mut spec, &cfg).expect_err("refused");
+        let err = replica::prepare(dir.path(), &mut spec, &cfg, None).expect_err("refused");
         assert!(
             err.to_string().contains("network namespace given by path"),
             "{err}"
@@ -734,7 +739,10 @@ mod tests {
         }
         linux.set_namespaces(Some(ns));
         spec.set_linux(Some(linux));
-        let setup = replica::prepare(dir.path(), &mut spec, &cfg).expect("prepared");
+        let upper = dir.path().join("upper");
+        let setup =
+            replica::prepare(dir.path(), &mut spec, &cfg, Some(upper.clone())).expect("prepared");
+        assert_eq!(setup.upper, Some(upper));
         assert_eq!(setup.netns, PathBuf::from("/proc/self/ns/net"));
         assert_eq!(setup.key, vec![1u8; 32]);
         assert_eq!(setup.epoch, replica::DEFAULT_PASSIVE_EPOCH);
@@ -746,6 +754,16 @@ mod tests {
             .expect("annotation");
         let text = std::fs::read_to_string(conf).expect("criu config");
         assert!(text.contains("network-lock iptables"), "{text}");
+        let hook = dir.path().join(replica::fs::HOOK_SCRIPT);
+        assert!(
+            text.contains(&format!("action-script {}", hook.display())),
+            "{text}"
+        );
+        let script = std::fs::read_to_string(&hook).expect("hook script");
+        assert!(
+            script.contains("post-dump") && script.contains("criu-hook"),
+            "{script}"
+        );
     }
 
     #[test]

@@ -233,6 +233,20 @@ fn main() -> ExitCode {
             std::thread::park();
         }
     }
+    if args.get(1).is_some_and(|a| a == "criu-hook") {
+        // Run by CRIU (see rrc_shim::replica::fs): asks the shim to save the writable layer.
+        let Some(socket) = args.get(2) else {
+            eprintln!("usage: containerd-shim-rrc-v2 criu-hook SOCKET");
+            return ExitCode::from(2);
+        };
+        return match rrc_shim::replica::fs::run_hook(std::path::Path::new(socket)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("containerd-shim-rrc-v2 criu-hook: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.get(1).is_some_and(|a| a == "status") {
         return status_main(args.get(2..).unwrap_or_default());
     }

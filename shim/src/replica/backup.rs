@@ -258,6 +258,15 @@ async fn session(
                 match applied {
                     Ok(None) => {}
                     Ok(Some(epoch)) => {
+                        // The writable layer the checkpoint carries goes onto the rootfs
+                        // before the commit is acknowledged.
+                        if let Some((_, dir)) = store.committed() {
+                            let rootfs = ctx.bundle.join("rootfs");
+                            if let Err(e) = super::fs::apply_committed(&dir, &rootfs) {
+                                tracing::error!(id = %ctx.id, epoch, "{e}");
+                                return SessionEnd::Broken(e);
+                            }
+                        }
                         if let Err(e) = ch.acknowledge(inc.seq).await {
                             return SessionEnd::Broken(e.to_string());
                         }

@@ -7,6 +7,8 @@
 //! * [`wire`]: the control messages the pair exchanges besides checkpoint pieces.
 //! * [`net`]: the container's network namespace: addresses, the output hold's iptables rule,
 //!   taking over an address.
+//! * [`fs`]: the container's writable layer, saved with each checkpoint and applied by the
+//!   backup.
 //! * [`runner`]: running commands (runc, CRIU, ip, iptables) without losing their exit status
 //!   to the shim's reaper.
 //!
@@ -15,6 +17,7 @@
 //! the spec.
 
 pub mod backup;
+pub mod fs;
 pub mod net;
 pub mod primary;
 pub mod runner;
@@ -49,13 +52,20 @@ pub struct ReplicaSetup {
     pub key: Vec<u8>,
     /// The epoch length.
     pub epoch: Duration,
+    /// The rootfs overlay's upper directory (None: not an overlay; writes are not replicated).
+    pub upper: Option<PathBuf>,
 }
 
 /// Checks and prepares a replicated container's bundle: the spec must name its network
 /// namespace by path; the auth key is read; `org.criu.config` is set to a file in the bundle
 /// (written here) so CRIU locks the network with nftables inside the container's namespace.
 /// The spec is saved back to `config.json`.
-pub fn prepare(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<ReplicaSetup> {
+pub fn prepare(
+    bundle: &Path,
+    spec: &mut Spec,
+    config: &RrcConfig,
+    upper: Option<PathBuf>,
+) -> Result<ReplicaSetup> {
     if config.mode == Mode::Hybrid {
         return Err(Error::InvalidArgument(
             "rrc: mode hybrid is not supported yet by this build of containerd-shim-rrc-v2; \
@@ -97,12 +107,24 @@ pub fn prepare(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<Rep
         ))
     })?;
     let conf = bundle.join(CRIU_CONFIG_FILE);
-    std::fs::write(
-        &conf,
+    // iptables, not nftables: CRIU's nftables lock deletes its table afterwards, which
+    // unregisters netfilter hooks, and the kernel then drops every packet waiting in the
+    // namespace's NFQUEUE, so held outputs would never leave.
+    let mut text = String::from(
         "# Written by containerd-shim-rrc-v2: CRIU's options for this container's checkpoints.\n\
          network-lock iptables\n",
-    )
-    .map_err(|e| Error::Other(format!("write {}: {e}", conf.display())))?;
+    );
+    if upper.is_some() {
+        let hook = fs::write_hook_script(bundle).map_err(Error::Other)?;
+        text.push_str(&format!("action-script {}\n", hook.display()));
+    } else {
+        tracing::warn!(
+            "the rootfs of {} is not an overlay: files it writes are not replicated",
+            bundle.display()
+        );
+    }
+    std::fs::write(&conf, text)
+        .map_err(|e| Error::Other(format!("write {}: {e}", conf.display())))?;
     let mut annotations = spec.annotations().clone().unwrap_or_default();
     annotations.insert(
         CRIU_CONFIG_ANNOTATION.to_string(),
@@ -116,7 +138,12 @@ pub fn prepare(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<Rep
     } else {
         DEFAULT_PASSIVE_EPOCH
     };
-    Ok(ReplicaSetup { netns, key, epoch })
+    Ok(ReplicaSetup {
+        netns,
+        key,
+        epoch,
+        upper,
+    })
 }
 
 /// A running replication task and the switch that stops it.

@@ -22,6 +22,7 @@ use rrc_config::RrcConfig;
 use rrc_output_hold::{nfqueue_rule, OutputHold};
 use tokio::sync::watch;
 
+use super::fs::FsTracker;
 use super::net;
 use super::runner::ShimRunner;
 use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
@@ -84,8 +85,15 @@ pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
     net::iptables(&ctx.setup.netns, &add)
         .await
         .map_err(|e| Error::Other(format!("rrc: cannot install the output hold's rule: {e}")))?;
+    let fs = match &ctx.setup.upper {
+        Some(upper) => Some(
+            FsTracker::start(&ctx.bundle, upper.clone())
+                .map_err(|e| Error::Other(format!("rrc: writable layer tracking: {e}")))?,
+        ),
+        None => None,
+    };
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(run(ctx, hold, rule, rx));
+    let task = tokio::spawn(run(ctx, hold, rule, fs, rx));
     Ok(ReplicaHandle::new(tx, task))
 }
 
@@ -100,6 +108,7 @@ async fn run(
     ctx: PrimaryCtx,
     hold: OutputHold,
     rule: Vec<String>,
+    fs: Option<FsTracker>,
     mut stop: watch::Receiver<bool>,
 ) {
     let peer = ctx
@@ -156,8 +165,15 @@ async fn run(
         };
         last_error.clear();
         tracing::info!(id = %ctx.id, "paired with the backup at {peer}");
+        let parts = Parts {
+            ctx: &ctx,
+            checkpointer: &checkpointer,
+            hold: &hold,
+            fs: fs.as_ref(),
+            instance,
+        };
         let end = tokio::select! {
-            r = session(&ctx, &ch, &checkpointer, &hold, &mut epoch, &mut status, instance) => End::Lost(r),
+            r = session(&parts, &ch, &mut epoch, &mut status) => End::Lost(r),
             _ = stop.changed() => End::Stopped,
         };
         match end {
@@ -197,16 +213,28 @@ fn instance_id() -> u64 {
     u64::try_from(t % u128::from(u64::MAX)).unwrap_or(0) ^ u64::from(std::process::id())
 }
 
-/// One pairing: checkpoints until something fails; returns why.
-async fn session(
-    ctx: &PrimaryCtx,
-    ch: &Channel,
-    checkpointer: &Checkpointer<ShimRunner>,
-    hold: &OutputHold,
-    epoch: &mut u64,
-    status: &mut StatusFile,
+/// What one pairing works with.
+struct Parts<'a> {
+    ctx: &'a PrimaryCtx,
+    checkpointer: &'a Checkpointer<ShimRunner>,
+    hold: &'a OutputHold,
+    fs: Option<&'a FsTracker>,
     instance: u64,
-) -> String {
+}
+
+/// One pairing: checkpoints until something fails; returns why.
+async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut StatusFile) -> String {
+    let Parts {
+        ctx,
+        checkpointer,
+        hold,
+        fs,
+        instance,
+    } = *p;
+    // A new backup has a fresh rootfs: the first delta is a full one.
+    if let Some(fs) = fs {
+        fs.reset();
+    }
     let addresses = match net::addresses(&ctx.setup.netns).await {
         Ok(a) => a,
         Err(e) => return format!("cannot read the container's addresses: {e}"),
@@ -231,12 +259,30 @@ async fn session(
             hold.hold_again();
         }
         let dir = epochs.join(e.to_string());
-        let dumped = checkpointer
+        if let Some(fs) = fs {
+            fs.arm(&dir);
+        }
+        let mut dumped = checkpointer
             .dump(&ctx.id, &dir, &DumpOptions::default())
-            .await;
+            .await
+            .map_err(|e| e.to_string());
+        let delta = fs.and_then(FsTracker::disarm);
+        if let (Some(fs), Ok(_)) = (fs, &dumped) {
+            if delta.is_none() {
+                dumped = Err(format!(
+                    "CRIU did not run the hook that saves the writable layer {} (see {})",
+                    fs.upper().display(),
+                    super::fs::HOOK_SCRIPT
+                ));
+            }
+        }
+        let fs_bytes = delta.as_ref().map(|d| d.bytes).unwrap_or(0);
         let report = match dumped {
             Ok(r) => r,
             Err(err) => {
+                if let (Some(fs), Some(_)) = (fs, &delta) {
+                    fs.undo_last();
+                }
                 remove_epoch(&dir);
                 failures += 1;
                 tracing::error!(id = %ctx.id, epoch = e, "checkpoint failed: {err}");
@@ -262,6 +308,9 @@ async fn session(
             Ok(s) => s,
             Err(why) => {
                 remove_epoch(&dir);
+                if let Some(fs) = fs {
+                    fs.undo_last();
+                }
                 return why;
             }
         };
@@ -269,6 +318,9 @@ async fn session(
         let waiting = Instant::now();
         if let Err(err) = ch.wait_acked(seq).await {
             remove_epoch(&dir);
+            if let Some(fs) = fs {
+                fs.undo_last();
+            }
             return err.to_string();
         }
         hold.release_upto(e - 1);
@@ -287,7 +339,7 @@ async fn session(
             transfer_ms,
             commit_wait_ms: ms(waiting.elapsed()),
             bytes: report.image_bytes,
-            fs_delta_bytes: 0,
+            fs_delta_bytes: fs_bytes,
             at_unix_ms: crate::status::unix_ms_now(),
         });
         status.set(State::Protected, None);
@@ -301,9 +353,11 @@ fn ms(d: Duration) -> f64 {
 
 fn remove_epoch(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
-    let mut work = dir.as_os_str().to_owned();
-    work.push(".work");
-    let _ = std::fs::remove_dir_all(PathBuf::from(work));
+    for suffix in [".work", ".fs"] {
+        let mut other = dir.as_os_str().to_owned();
+        other.push(suffix);
+        let _ = std::fs::remove_dir_all(PathBuf::from(other));
+    }
 }
 
 /// Streams an image directory; returns the sequence number of its last piece.

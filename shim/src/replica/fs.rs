@@ -1,0 +1,316 @@
+//! The container's writable layer in passive mode.
+//!
+//! Everything the container writes lands in its overlay's upper directory. Each epoch the
+//! primary's files must reach the backup together with the checkpoint of the same instant,
+//! otherwise a restored process would find files that do not match its memory (CRIU refuses a
+//! restore when an open file's size differs).
+//!
+//! * While CRIU holds the container stopped, after it dumped it (its `post-dump` action script),
+//!   the hook `containerd-shim-rrc-v2 criu-hook SOCKET` asks the primary's shim over a unix
+//!   socket to write the delta of the upper directory since the last epoch
+//!   ([`rrc_fs_delta::Tracker`]) into the checkpoint's image directory, as `rrcfs-*` files. The
+//!   image directory is then sealed and streamed as usual: the delta commits with its checkpoint.
+//! * The backup applies each committed delta, in order, through its own (unused) rootfs mount.
+//! * An epoch whose checkpoint fails forgets its delta ([`rrc_fs_delta::Tracker::undo_last`]);
+//!   a new pairing starts with a full delta.
+//!
+//! Volumes (bind mounts) are not replicated, and a rootfs that is not an overlay is refused for
+//! replication at Create only if it cannot be found (logged): see the README.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_shim::protos::types::mount::Mount;
+use rrc_fs_delta::{DeltaStats, Tracker};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+/// Prefix of the delta's files inside an image directory.
+pub const PREFIX: &str = "rrcfs-";
+/// The hook script in the bundle that CRIU runs (`action-script`).
+pub const HOOK_SCRIPT: &str = "rrc-criu-hook.sh";
+/// Where hook sockets live (bundle paths can exceed a unix socket path's 108 bytes).
+const SOCKET_DIR: &str = "/run/rrc/hooks";
+
+/// The overlay upper directory among a container's rootfs mounts, if it has one.
+pub fn upper_dir(mounts: &[Mount]) -> Option<PathBuf> {
+    mounts
+        .iter()
+        .filter(|m| m.type_ == "overlay")
+        .flat_map(|m| m.options.iter())
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+}
+
+/// The hook socket of a bundle: a short path derived from the bundle's.
+pub fn socket_path(bundle: &Path) -> PathBuf {
+    let h = bundle
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    Path::new(SOCKET_DIR).join(format!("{h:016x}.sock"))
+}
+
+/// Writes the hook script CRIU runs at every action; only `post-dump` reaches the shim.
+pub fn write_hook_script(bundle: &Path) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
+    let script = bundle.join(HOOK_SCRIPT);
+    let text = format!(
+        "#!/bin/sh\n\
+         # Written by containerd-shim-rrc-v2: CRIU runs this at each step of a checkpoint or\n\
+         # restore; after the dump (container still stopped) the shim saves the writable layer.\n\
+         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\n\
+         exec '{}' criu-hook '{}'\n",
+        exe.display(),
+        socket_path(bundle).display()
+    );
+    std::fs::write(&script, text).map_err(|e| format!("write {}: {e}", script.display()))?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", script.display()))?;
+    Ok(script)
+}
+
+/// The `criu-hook` subcommand: asks the shim behind `socket` to save the writable layer now.
+pub fn run_hook(socket: &Path) -> Result<(), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach the shim at {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"post-dump\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from the shim: {e}"))?;
+    match line.trim() {
+        "ok" => Ok(()),
+        other => Err(other.to_string()),
+    }
+}
+
+struct HookState {
+    tracker: Tracker,
+    /// The image directory of the dump in progress.
+    target: Option<PathBuf>,
+    /// What the last delta held.
+    last: Option<DeltaStats>,
+}
+
+/// The primary's side: serves the hook, keeps the tracker.
+pub struct FsTracker {
+    upper: PathBuf,
+    state: Arc<Mutex<HookState>>,
+    socket: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FsTracker {
+    /// Listens on the bundle's hook socket.
+    pub fn start(bundle: &Path, upper: PathBuf) -> Result<FsTracker, String> {
+        let socket = socket_path(bundle);
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| format!("listen on {}: {e}", socket.display()))?;
+        let state = Arc::new(Mutex::new(HookState {
+            tracker: Tracker::new(),
+            target: None,
+            last: None,
+        }));
+        let (st, up) = (state.clone(), upper.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (st, up) = (st.clone(), up.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    if tokio::io::BufReader::new(r)
+                        .read_line(&mut line)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let answer = if line.trim() == "post-dump" {
+                        match tokio::task::spawn_blocking(move || save(&st, &up)).await {
+                            Ok(Ok(())) => "ok".to_string(),
+                            Ok(Err(e)) => e,
+                            Err(e) => format!("delta task: {e}"),
+                        }
+                    } else {
+                        format!("unknown request {:?}", line.trim())
+                    };
+                    if answer != "ok" {
+                        tracing::error!("saving the writable layer failed: {answer}");
+                    }
+                    let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+                });
+            }
+        });
+        Ok(FsTracker {
+            upper,
+            state,
+            socket,
+            task,
+        })
+    }
+
+    /// The upper directory.
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
+    /// A dump into `image_dir` is about to start: its hook call writes the delta there.
+    pub fn arm(&self, image_dir: &Path) {
+        if let Ok(mut s) = self.state.lock() {
+            s.target = Some(image_dir.to_path_buf());
+            s.last = None;
+        }
+    }
+
+    /// The dump ended: returns the delta it carried (None: the hook never ran).
+    pub fn disarm(&self) -> Option<DeltaStats> {
+        self.state.lock().ok().and_then(|mut s| {
+            s.target = None;
+            s.last.take()
+        })
+    }
+
+    /// The last delta did not reach the backup: the next one carries its changes too.
+    pub fn undo_last(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.tracker.undo_last();
+        }
+    }
+
+    /// A new backup: the next delta is a full one.
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.tracker.reset();
+        }
+    }
+}
+
+impl Drop for FsTracker {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Writes the delta into the armed image directory, as `rrcfs-*` files.
+fn save(state: &Mutex<HookState>, upper: &Path) -> Result<(), String> {
+    let mut s = state
+        .lock()
+        .map_err(|_| "tracker state poisoned".to_string())?;
+    let target = s
+        .target
+        .clone()
+        .ok_or_else(|| "no checkpoint of this container is in progress".to_string())?;
+    let mut tmp = target.as_os_str().to_owned();
+    tmp.push(".fs");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let stats = s
+        .tracker
+        .delta(upper, &tmp)
+        .map_err(|e| format!("writable layer delta: {e}"))?;
+    let moved = (|| -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&tmp)? {
+            let entry = entry?;
+            let mut name = std::ffi::OsString::from(PREFIX);
+            name.push(entry.file_name());
+            std::fs::rename(entry.path(), target.join(name))?;
+        }
+        std::fs::remove_dir(&tmp)
+    })();
+    if let Err(e) = moved {
+        s.tracker.undo_last();
+        return Err(format!("move the delta into {}: {e}", target.display()));
+    }
+    s.last = Some(stats);
+    Ok(())
+}
+
+/// The backup's side: applies the delta a committed checkpoint carries (if any) to `rootfs`.
+/// Returns the number of bytes of file content applied.
+pub fn apply_committed(image_dir: &Path, rootfs: &Path) -> Result<Option<u64>, String> {
+    let index = image_dir.join(format!("{PREFIX}{}", rrc_fs_delta::INDEX));
+    if !index.exists() {
+        return Ok(None);
+    }
+    let mut tmp = image_dir.as_os_str().to_owned();
+    tmp.push(".fs-apply");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let linked = (|| -> std::io::Result<u64> {
+        let mut bytes = 0;
+        for entry in std::fs::read_dir(image_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) {
+                bytes += entry.metadata()?.len();
+                std::fs::hard_link(entry.path(), tmp.join(rest))?;
+            }
+        }
+        Ok(bytes)
+    })();
+    let result = match linked {
+        Ok(bytes) => rrc_fs_delta::apply(&tmp, rootfs)
+            .map(|_| Some(bytes))
+            .map_err(|e| format!("apply the writable layer delta: {e}")),
+        Err(e) => Err(format!("stage the writable layer delta: {e}")),
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_upper_dir() {
+        let m = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                "workdir=/s/2/work".into(),
+                "upperdir=/s/2/fs".into(),
+                "lowerdir=/s/1/fs".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(upper_dir(&[m]), Some(PathBuf::from("/s/2/fs")));
+        let bind = Mount {
+            type_: "bind".into(),
+            ..Default::default()
+        };
+        assert_eq!(upper_dir(&[bind]), None);
+    }
+
+    #[test]
+    fn socket_paths_are_short_and_distinct() {
+        let a = socket_path(Path::new(
+            "/run/rrc-test/123456-0/primary/state/io.containerd.runtime.v2.task/rrc-123456-0-primary/redis-ft",
+        ));
+        let b = socket_path(Path::new(
+            "/run/containerd/io.containerd.runtime.v2.task/default/x",
+        ));
+        assert_ne!(a, b);
+        assert!(a.as_os_str().len() < 100, "{}", a.display());
+    }
+}
