@@ -9,7 +9,7 @@ PREFIX ?= /usr/local
 # Integration tests share two cores; more threads only make them slower and flakier.
 TEST_THREADS ?= 2
 
-.PHONY: all setup build release install test lint unit integration demo bench clean
+.PHONY: all setup build release install test lint unit integration demo bench campaign clean
 
 all: build
 
@@ -48,6 +48,14 @@ demo: build
 ## rrc mode off vs runc, alternating in one run; results in integration/results/.
 bench: release
 	RRC_SHIM_BIN=$(SHIM_RELEASE) $(TARGET_DIR)/release/rrc-bench $(BENCH_ARGS)
+
+## Fault injection: N primary kills under load (passive mode); prints the recovery rate and the
+## recovery-time distribution per phase, and writes them to integration/results/.
+N ?= 100
+campaign: build
+	RRC_REQUIRE_INTEGRATION=1 RRC_SHIM_BIN=$(SHIM_DEBUG) RRC_INJECTIONS=$(N) \
+		RRC_CAMPAIGN_OUT=$(CURDIR)/integration/results/campaign-passive.md \
+		$(CARGO) test -p rrc-integration --test passive --locked failover_keeps -- --nocapture
 
 clean:
 	$(CARGO) clean

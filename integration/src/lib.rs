@@ -3,7 +3,7 @@
 //! [`testbed`] builds test hosts (network namespaces joined by a bridge in a "switch" namespace,
 //! addresses in 198.18.0.0/15), each able to run its own containerd with rrc's shim on its `PATH`,
 //! and tears everything down again. [`cri`] configures containerd's CRI plugin for rrc and talks
-//! CRI to it. [`checker`] is the redis client that witnesses "no acknowledged write lost, no
+//! CRI to it. [`pair`] is a replicated redis (primary, backup, clients). [`checker`] is the redis client that witnesses "no acknowledged write lost, no
 //! connection broken". The tests in `tests/` and the `rrc-demo` and `rrc-bench` programs are built on them.
 //!
 //! The tests need root, containerd, runc and the local images (`integration/setup.sh`); without
@@ -13,6 +13,7 @@
 
 pub mod checker;
 pub mod cri;
+pub mod pair;
 pub mod testbed;
 
 pub use testbed::*;

@@ -132,6 +132,7 @@ async fn run(
     let instance = instance_id();
     let mut epoch = 0u64;
     let mut last_error = String::new();
+    let mut fenced = false;
     loop {
         if *stop.borrow() {
             break;
@@ -187,8 +188,20 @@ async fn run(
                 break;
             }
             End::Lost(why) => {
+                tracing::error!(id = %ctx.id, "lost the backup: {why}; checking whether it took over");
+                status.set(
+                    State::Unprotected,
+                    Some(format!(
+                        "lost the backup: {why}; outputs held while checking whether it took over"
+                    )),
+                );
+                if took_over(&ctx).await {
+                    fence(&ctx, &mut status).await;
+                    fenced = true;
+                    break;
+                }
                 hold.release_all();
-                tracing::error!(id = %ctx.id, "lost the backup: {why}; the container runs UNPROTECTED");
+                tracing::error!(id = %ctx.id, "the backup did not take over: the container runs UNPROTECTED");
                 status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
             }
         }
@@ -201,7 +214,73 @@ async fn run(
     hold.release_all();
     drop(hold);
     let _ = std::fs::remove_dir_all(ctx.bundle.join(EPOCHS_DIR));
-    status.set(State::Stopped, None);
+    if !fenced {
+        status.set(State::Stopped, None);
+    }
+}
+
+/// Probes sent to find out whether the backup claimed the service address.
+const PROBES: u32 = 3;
+/// Time between probes (and waited after the last one).
+const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// After losing the backup: did it take over? A backup that lost us too claims the service
+/// addresses within its failover timeout of the silence, so the primary keeps its outputs held
+/// for that long (plus a margin), then asks the network (ARP probes) whether another host
+/// answers for one of its addresses. If a probe cannot be made the answer is no: the container
+/// keeps serving, unprotected, and the error is logged.
+async fn took_over(ctx: &PrimaryCtx) -> bool {
+    tokio::time::sleep(ctx.config.failover_timeout + Duration::from_millis(100)).await;
+    let addresses = match net::addresses(&ctx.setup.netns).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(id = %ctx.id, "cannot read the container's addresses to probe them: {e}");
+            return false;
+        }
+    };
+    for a in addresses {
+        let netns = ctx.setup.netns.clone();
+        let probed = tokio::task::spawn_blocking(move || {
+            rrc_takeover::probe(&netns, &a.interface, a.address, PROBES, PROBE_INTERVAL)
+                .map(|mac| mac.map(|m| (a.address, m)))
+        })
+        .await;
+        match probed {
+            Ok(Ok(Some((addr, mac)))) => {
+                let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+                tracing::error!(id = %ctx.id, "another host ({}) answers for {addr}: the backup took over", mac.join(":"));
+                return true;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::error!(id = %ctx.id, "probing the service address: {e}"),
+            Err(e) => tracing::error!(id = %ctx.id, "probing the service address: {e}"),
+        }
+    }
+    false
+}
+
+/// Stops serving for good: the backup took over. The service addresses leave the namespace
+/// and the container is killed (containerd sees its task exit); the status says fenced.
+async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
+    if let Ok(addrs) = net::addresses(&ctx.setup.netns).await {
+        if let Err(e) = net::unassign(&ctx.setup.netns, &addrs).await {
+            tracing::error!(id = %ctx.id, "removing the service addresses: {e}");
+        }
+    }
+    let root = ctx.runc_root.display().to_string();
+    if let Err(e) = super::runner::run(
+        &ctx.runc_binary,
+        &["--root", &root, "kill", "--all", &ctx.id, "KILL"],
+    )
+    .await
+    {
+        tracing::error!(id = %ctx.id, "killing the fenced container: {e}");
+    }
+    tracing::error!(id = %ctx.id, "FENCED: the backup took over; this container stopped serving");
+    status.set(
+        State::Fenced,
+        Some("the backup took over while this primary could not reach it; this container was stopped and its addresses removed".into()),
+    );
 }
 
 /// A number that differs between two runs of a primary, so a backup knows a new one.
