@@ -1,17 +1,21 @@
 //! `rrc-demo`: the main job, end to end on this machine.
 //!
-//! Today (mode `off`): two test hosts, `primary` (its own containerd) and `client`. A redis runs
-//! under `--runtime io.containerd.rrc.v2` on `primary`; the checker client on the other host
-//! writes over kept-open connections and then verifies every acknowledged write. When
-//! the replicated modes land, this grows a `backup` host and kills the primary mid-stream.
+//! A redis replicated in passive mode survives the kill of its primary while clients watch. Test
+//! hosts (network namespaces on one switch): `primary` and `backup`, each with its own
+//! containerd running rrc's shim; `svc` and `svcb`, the container's network namespace on each
+//! side; `client`. The backup is started first (role backup), then the primary (role primary,
+//! peer = the backup); four client connections write (INCR, SET of fresh keys) the whole time.
+//! The demo then kills the primary host's side (link cut, shim and container SIGKILLed), the
+//! backup restores the last committed checkpoint, takes over the address and goes live, and the
+//! same client connections carry on. At the end every acknowledged write is checked.
 //!
-//! Usage: `rrc-demo [--seconds N]`.
+//! Usage: `rrc-demo [--seconds N]` (how long the clients write before the kill; default 5).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rrc_integration::checker::{verify, Checker};
-use rrc_integration::{wait_for, TestBed};
+use rrc_integration::pair::{status, wait_state, Pair, CONNECTIONS_SETTLE, ID};
 
 fn main() -> Result<()> {
     let mut seconds = 5u64;
@@ -32,67 +36,101 @@ fn main() -> Result<()> {
         bail!("cannot run the demo: {why}");
     }
 
-    println!("[demo] creating test hosts: primary, client (network namespaces on 198.18.0.0/15)");
-    let mut bed = TestBed::new(&["primary", "client"])?;
-    bed.host_mut("primary").start_containerd("")?;
-    let primary = bed.host("primary");
-    let ip = primary.ip().to_string();
+    println!("[demo] test hosts: client, primary, backup, and the container's network namespace on each side (svc, svcb)");
+    let pair = Pair::new()?;
+    let (primary, backup) = (pair.host("primary"), pair.host("backup"));
     println!(
-        "[demo] primary {} runs its own containerd; client {}",
-        ip,
-        bed.host("client").ip()
+        "[demo] backup: ctr run -d --runtime io.containerd.rrc.v2 --annotation io.containerd.rrc.role=backup --annotation io.containerd.rrc.listen={}:7070 --annotation io.containerd.rrc.auth-key-file=KEY --with-ns network:SVCB docker.io/rrc/redis:latest {ID} ...",
+        backup.ip()
     );
-    let netns = format!("network:/var/run/netns/{}", primary.netns());
-    primary.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        "io.containerd.rrc.v2",
-        "--with-ns",
-        &netns,
-        "docker.io/rrc/redis:latest",
-        "demo-redis",
-    ])?;
-    println!("[demo] redis started with: ctr run -d --runtime io.containerd.rrc.v2 docker.io/rrc/redis:latest demo-redis");
-    println!("{}", primary.ctr_ok(&["tasks", "ls"])?.trim_end());
-
-    wait_for(Duration::from_secs(20), || {
-        let out = bed
-            .host("client")
-            .command("redis-cli")
-            .args(["-h", &ip, "PING"])
-            .output()?;
-        anyhow::ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "PONG",
-            "no PONG"
-        );
-        Ok(())
-    })
-    .context("redis never answered the client")?;
-    println!("[demo] client got PONG from {ip}:6379");
-
-    let addr = std::net::SocketAddr::new(primary.ip().into(), 6379);
-    let netns = bed.host("client").netns_path();
+    pair.start_backup()?;
     println!(
-        "[demo] 4 client connections write for {seconds} s (INCR of a counter, SET of fresh keys)"
+        "[demo] primary: ctr run -d --runtime io.containerd.rrc.v2 --annotation io.containerd.rrc.role=primary --annotation io.containerd.rrc.peer={}:7070 --annotation io.containerd.rrc.auth-key-file=KEY --with-ns network:SVC docker.io/rrc/redis:latest {ID} ...",
+        backup.ip()
     );
-    let checker = Checker::start(&netns, addr, 4);
+    pair.start_primary()?;
+    let st = wait_state(primary, &["protected"], Duration::from_secs(30))?;
+    println!(
+        "[demo] primary protected: checkpoint {} committed at the backup",
+        st["last_committed_epoch"]
+    );
+    println!(
+        "[demo] primary host: {}",
+        primary
+            .ctr_ok(&["task", "ls"])?
+            .trim_end()
+            .replace('\n', "\n[demo]   ")
+    );
+    println!(
+        "[demo] backup host:  {}",
+        backup
+            .ctr_ok(&["task", "ls"])?
+            .trim_end()
+            .replace('\n', "\n[demo]   ")
+    );
+
+    let client = pair.host("client");
+    let netns = client.netns_path();
+    println!(
+        "[demo] 4 client connections from {} to {} write (INCR of a counter, SET of fresh keys)",
+        client.ip(),
+        pair.service()
+    );
+    let checker = Checker::start(&netns, pair.service(), 4);
+    std::thread::sleep(CONNECTIONS_SETTLE);
     for s in 1..=seconds {
         std::thread::sleep(Duration::from_secs(1));
-        println!("[demo] {s} s");
+        let st = status(primary)?;
+        let c = &st["last_checkpoint"];
+        println!(
+            "[demo] {s} s: primary {} — checkpoint {} committed, container paused {:.0} ms, {:.1} MB",
+            st["state"].as_str().unwrap_or("?"),
+            c["epoch"],
+            c["frozen_ms"].as_f64().unwrap_or(0.0),
+            c["bytes"].as_f64().unwrap_or(0.0) / 1e6
+        );
     }
+    println!("[demo] KILL: primary's link cut, its shim and redis SIGKILLed");
+    pair.kill_primary()?;
+    let killed = Instant::now();
+    let st = wait_state(backup, &["live", "failed"], Duration::from_secs(30))?;
+    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    let f = st["failovers"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "[demo] backup live {:.0?} after the kill: detection {:.0} ms, restore {:.0} ms, network {:.0} ms (checkpoint {})",
+        killed.elapsed(),
+        f["detection_ms"].as_f64().unwrap_or(0.0),
+        f["restore_ms"].as_f64().unwrap_or(0.0),
+        f["network_ms"].as_f64().unwrap_or(0.0),
+        f["from_epoch"]
+    );
+    println!(
+        "[demo] backup host:  {}",
+        backup
+            .ctr_ok(&["task", "ls"])?
+            .trim_end()
+            .replace('\n', "\n[demo]   ")
+    );
+    std::thread::sleep(Duration::from_secs(2));
     let report = checker.stop();
     println!(
-        "[demo] {} writes acknowledged; longest stall {:?}",
+        "[demo] {} writes acknowledged over the same 4 connections; longest wait for a reply {:?}",
         report.acknowledged(),
         report.max_stall()
     );
-    let problems = verify(&netns, addr, &report)?;
+    let broken = report.broken();
+    ensure!(broken.is_empty(), "connections broke: {broken:?}");
+    let problems = verify(&netns, pair.service(), &report)?;
     if !problems.is_empty() {
         bail!("lost or broken: {problems:#?}");
     }
-    println!("[demo] every acknowledged write is there. Tearing down.");
-    drop(bed);
+    println!("[demo] no connection broke, every acknowledged write is there. Tearing down.");
+    pair.reset()?;
+    drop(pair);
     println!("[demo] done");
     Ok(())
 }
