@@ -753,7 +753,7 @@ mod tests {
             .and_then(|a| a.get(rrc_checkpoint::CRIU_CONFIG_ANNOTATION))
             .expect("annotation");
         let text = std::fs::read_to_string(conf).expect("criu config");
-        assert!(text.contains("network-lock iptables"), "{text}");
+        assert!(text.contains("network-lock skip"), "{text}");
         let hook = dir.path().join(replica::fs::HOOK_SCRIPT);
         assert!(
             text.contains(&format!("action-script {}", hook.display())),
@@ -761,7 +761,9 @@ mod tests {
         );
         let script = std::fs::read_to_string(&hook).expect("hook script");
         assert!(
-            script.contains("post-dump") && script.contains("criu-hook"),
+            script.contains("post-dump")
+                && script.contains("network-lock")
+                && script.contains("criu-hook"),
             "{script}"
         );
     }

@@ -235,11 +235,12 @@ fn main() -> ExitCode {
     }
     if args.get(1).is_some_and(|a| a == "criu-hook") {
         // Run by CRIU (see rrc_shim::replica::fs): asks the shim to save the writable layer.
-        let Some(socket) = args.get(2) else {
-            eprintln!("usage: containerd-shim-rrc-v2 criu-hook SOCKET");
+        let (Some(socket), Some(action)) = (args.get(2), args.get(3).and_then(|a| a.to_str()))
+        else {
+            eprintln!("usage: containerd-shim-rrc-v2 criu-hook SOCKET ACTION");
             return ExitCode::from(2);
         };
-        return match rrc_shim::replica::fs::run_hook(std::path::Path::new(socket)) {
+        return match rrc_shim::replica::fs::run_hook(std::path::Path::new(socket), action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("containerd-shim-rrc-v2 criu-hook: {e}");

@@ -1,4 +1,14 @@
-//! The container's writable layer in passive mode.
+//! The container's writable layer in passive mode, and the hook CRIU runs during a dump.
+//!
+//! CRIU runs `rrc-criu-hook.sh` (its `action-script`) at each step of a dump or restore. Three
+//! steps reach the primary's shim, over a unix socket, through `containerd-shim-rrc-v2
+//! criu-hook SOCKET ACTION`:
+//!
+//! * `network-lock` / `network-unlock`: CRIU's own network lock is off (see
+//!   [`super::prepare`]); the shim holds every inbound packet in an NFQUEUE of its own between
+//!   the two (outbound packets are held by the output hold anyway), so no packet changes a
+//!   socket while CRIU reads it. Held, not dropped: nothing has to be retransmitted.
+//! * `post-dump`: the writable layer's delta, below.
 //!
 //! Everything the container writes lands in its overlay's upper directory. Each epoch the
 //! primary's files must reach the backup together with the checkpoint of the same instant,
@@ -26,6 +36,7 @@ use std::time::Duration;
 
 use containerd_shim::protos::types::mount::Mount;
 use rrc_fs_delta::{DeltaStats, Tracker};
+use rrc_output_hold::OutputHold;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
@@ -58,16 +69,21 @@ pub fn socket_path(bundle: &Path) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{h:016x}.sock"))
 }
 
-/// Writes the hook script CRIU runs at every action; only `post-dump` reaches the shim.
+/// Writes the hook script CRIU runs at every action; `network-lock`, `network-unlock` and
+/// `post-dump` reach the shim.
 pub fn write_hook_script(bundle: &Path) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
     let script = bundle.join(HOOK_SCRIPT);
     let text = format!(
         "#!/bin/sh\n\
          # Written by containerd-shim-rrc-v2: CRIU runs this at each step of a checkpoint or\n\
-         # restore; after the dump (container still stopped) the shim saves the writable layer.\n\
-         [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\n\
-         exec '{}' criu-hook '{}'\n",
+         # restore. Around the dump of sockets the shim holds inbound packets; after the dump\n\
+         # (container still stopped) it saves the writable layer.\n\
+         case \"$CRTOOLS_SCRIPT_ACTION\" in\n\
+         network-lock|network-unlock|post-dump)\n\
+         \texec '{}' criu-hook '{}' \"$CRTOOLS_SCRIPT_ACTION\" ;;\n\
+         esac\n\
+         exit 0\n",
         exe.display(),
         socket_path(bundle).display()
     );
@@ -77,13 +93,30 @@ pub fn write_hook_script(bundle: &Path) -> Result<PathBuf, String> {
     Ok(script)
 }
 
-/// The `criu-hook` subcommand: asks the shim behind `socket` to save the writable layer now.
-pub fn run_hook(socket: &Path) -> Result<(), String> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach the shim at {}: {e}", socket.display()))?;
+/// The `criu-hook` subcommand: tells the shim behind `socket` that CRIU reached `action`
+/// (`network-lock`, `network-unlock` or `post-dump`) and waits for it to be done.
+///
+/// Without a shim listening (a restore on the backup: nothing to hold there, the backup drops
+/// inbound packets itself), the network actions succeed and `post-dump` fails.
+pub fn run_hook(socket: &Path, action: &str) -> Result<(), String> {
+    let network = matches!(action, "network-lock" | "network-unlock");
+    if !network && action != "post-dump" {
+        return Err(format!("unknown action {action:?}"));
+    }
+    let mut s = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if network && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "cannot reach the shim at {}: {e}",
+                socket.display()
+            ))
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"post-dump\n").map_err(|e| e.to_string())?;
+    s.write_all(format!("{action}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(s)
         .read_line(&mut line)
@@ -95,24 +128,31 @@ pub fn run_hook(socket: &Path) -> Result<(), String> {
 }
 
 struct HookState {
-    tracker: Tracker,
+    /// None when the rootfs is not an overlay (nothing to track).
+    tracker: Option<Tracker>,
     /// The image directory of the dump in progress.
     target: Option<PathBuf>,
     /// What the last delta held.
     last: Option<DeltaStats>,
 }
 
-/// The primary's side: serves the hook, keeps the tracker.
-pub struct FsTracker {
-    upper: PathBuf,
+/// The primary's side: serves the hook, holds inbound packets around the dump of sockets, keeps
+/// the writable layer's tracker.
+pub struct HookServer {
+    upper: Option<PathBuf>,
     state: Arc<Mutex<HookState>>,
     socket: PathBuf,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl FsTracker {
-    /// Listens on the bundle's hook socket.
-    pub fn start(bundle: &Path, upper: PathBuf) -> Result<FsTracker, String> {
+impl HookServer {
+    /// Listens on the bundle's hook socket. `gate` holds the container's inbound packets (an
+    /// `OutputHold` on its INPUT chain, passing everything until `network-lock`).
+    pub fn start(
+        bundle: &Path,
+        upper: Option<PathBuf>,
+        gate: Arc<OutputHold>,
+    ) -> Result<HookServer, String> {
         let socket = socket_path(bundle);
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -121,7 +161,7 @@ impl FsTracker {
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("listen on {}: {e}", socket.display()))?;
         let state = Arc::new(Mutex::new(HookState {
-            tracker: Tracker::new(),
+            tracker: upper.as_ref().map(|_| Tracker::new()),
             target: None,
             last: None,
         }));
@@ -131,7 +171,7 @@ impl FsTracker {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (st, up) = (st.clone(), up.clone());
+                let (st, up, gate) = (st.clone(), up.clone(), gate.clone());
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut line = String::new();
@@ -142,23 +182,42 @@ impl FsTracker {
                     {
                         return;
                     }
-                    let answer = if line.trim() == "post-dump" {
-                        match tokio::task::spawn_blocking(move || save(&st, &up)).await {
-                            Ok(Ok(())) => "ok".to_string(),
-                            Ok(Err(e)) => e,
-                            Err(e) => format!("delta task: {e}"),
+                    let answer = match line.trim() {
+                        "network-lock" => {
+                            // Packets from now on get a tag above the release mark: held.
+                            gate.set_tag(gate.tag() + 2);
+                            gate.hold_again();
+                            "ok".to_string()
                         }
-                    } else {
-                        format!("unknown request {:?}", line.trim())
+                        "network-unlock" => {
+                            gate.release_all();
+                            "ok".to_string()
+                        }
+                        "post-dump" => match up {
+                            None => {
+                                if let Ok(mut s) = st.lock() {
+                                    s.last = Some(DeltaStats::default());
+                                }
+                                "ok".to_string()
+                            }
+                            Some(up) => {
+                                match tokio::task::spawn_blocking(move || save(&st, &up)).await {
+                                    Ok(Ok(())) => "ok".to_string(),
+                                    Ok(Err(e)) => e,
+                                    Err(e) => format!("delta task: {e}"),
+                                }
+                            }
+                        },
+                        other => format!("unknown request {other:?}"),
                     };
                     if answer != "ok" {
-                        tracing::error!("saving the writable layer failed: {answer}");
+                        tracing::error!("CRIU hook {:?} failed: {answer}", line.trim());
                     }
                     let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
                 });
             }
         });
-        Ok(FsTracker {
+        Ok(HookServer {
             upper,
             state,
             socket,
@@ -166,9 +225,9 @@ impl FsTracker {
         })
     }
 
-    /// The upper directory.
-    pub fn upper(&self) -> &Path {
-        &self.upper
+    /// The upper directory, if the rootfs is an overlay.
+    pub fn upper(&self) -> Option<&Path> {
+        self.upper.as_deref()
     }
 
     /// A dump into `image_dir` is about to start: its hook call writes the delta there.
@@ -190,19 +249,23 @@ impl FsTracker {
     /// The last delta did not reach the backup: the next one carries its changes too.
     pub fn undo_last(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.tracker.undo_last();
+            if let Some(t) = s.tracker.as_mut() {
+                t.undo_last();
+            }
         }
     }
 
     /// A new backup: the next delta is a full one.
     pub fn reset(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.tracker.reset();
+            if let Some(t) = s.tracker.as_mut() {
+                t.reset();
+            }
         }
     }
 }
 
-impl Drop for FsTracker {
+impl Drop for HookServer {
     fn drop(&mut self) {
         self.task.abort();
         let _ = std::fs::remove_file(&self.socket);
@@ -222,8 +285,11 @@ fn save(state: &Mutex<HookState>, upper: &Path) -> Result<(), String> {
     tmp.push(".fs");
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_dir_all(&tmp);
-    let stats = s
+    let tracker = s
         .tracker
+        .as_mut()
+        .ok_or_else(|| "no writable layer is tracked".to_string())?;
+    let stats = tracker
         .delta(upper, &tmp)
         .map_err(|e| format!("writable layer delta: {e}"))?;
     let moved = (|| -> std::io::Result<()> {
@@ -236,7 +302,9 @@ fn save(state: &Mutex<HookState>, upper: &Path) -> Result<(), String> {
         std::fs::remove_dir(&tmp)
     })();
     if let Err(e) = moved {
-        s.tracker.undo_last();
+        if let Some(t) = s.tracker.as_mut() {
+            t.undo_last();
+        }
         return Err(format!("move the delta into {}: {e}", target.display()));
     }
     s.last = Some(stats);

@@ -107,17 +107,20 @@ pub fn prepare(
         ))
     })?;
     let conf = bundle.join(CRIU_CONFIG_FILE);
-    // iptables, not nftables: CRIU's nftables lock deletes its table afterwards, which
-    // unregisters netfilter hooks, and the kernel then drops every packet waiting in the
-    // namespace's NFQUEUE, so held outputs would never leave.
-    let mut text = String::from(
+    // CRIU's own network lock is off: its nftables lock deletes its table after each dump,
+    // which unregisters netfilter hooks, and the kernel then drops every packet waiting in the
+    // namespace's NFQUEUE (held outputs would never leave); its iptables lock runs
+    // iptables-restore twice per dump (+100 ms frozen here). Instead CRIU's network-lock and
+    // network-unlock actions run the hook, and the shim holds inbound packets in a queue of its
+    // own meanwhile (outbound ones are held anyway): see `fs`.
+    let hook = fs::write_hook_script(bundle).map_err(Error::Other)?;
+    let text = format!(
         "# Written by containerd-shim-rrc-v2: CRIU's options for this container's checkpoints.\n\
-         network-lock iptables\n",
+         network-lock skip\n\
+         action-script {}\n",
+        hook.display()
     );
-    if upper.is_some() {
-        let hook = fs::write_hook_script(bundle).map_err(Error::Other)?;
-        text.push_str(&format!("action-script {}\n", hook.display()));
-    } else {
+    if upper.is_none() {
         tracing::warn!(
             "the rootfs of {} is not an overlay: files it writes are not replicated",
             bundle.display()

@@ -13,6 +13,7 @@
 //! When the container stops on purpose the backup is told (`Goodbye`), so it does not take over.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::{Error, Result};
@@ -22,7 +23,7 @@ use rrc_config::RrcConfig;
 use rrc_output_hold::{nfqueue_rule, OutputHold};
 use tokio::sync::watch;
 
-use super::fs::FsTracker;
+use super::fs::HookServer;
 use super::net;
 use super::runner::ShimRunner;
 use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
@@ -73,27 +74,56 @@ pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
         .map_err(|e| Error::Other(format!("rrc: cannot hold the container's outputs: {e}")))?;
     // Unpaired until the backup answers: outputs flow.
     hold.release_all();
-    let rule = nfqueue_rule(None, queue);
-    // A rule left by a shim that was killed would send packets to a queue nobody reads.
-    let mut del = vec!["-D".to_string()];
-    del.extend(rule.iter().cloned());
-    while net::iptables(&ctx.setup.netns, &del).await.is_ok() {
-        tracing::warn!(id = %ctx.id, "removed an output-hold rule left by an earlier shim");
-    }
-    let mut add = vec!["-A".to_string()];
-    add.extend(rule.iter().cloned());
-    net::iptables(&ctx.setup.netns, &add)
+    // The inbound gate: CRIU's network lock, done by the shim (see `super::fs`). It passes
+    // everything except while CRIU dumps the sockets.
+    let gate_queue = queue + 1000;
+    let netns = ctx.setup.netns.clone();
+    let gate = tokio::task::spawn_blocking(move || OutputHold::bind(&netns, gate_queue))
         .await
-        .map_err(|e| Error::Other(format!("rrc: cannot install the output hold's rule: {e}")))?;
-    let fs = match &ctx.setup.upper {
-        Some(upper) => Some(
-            FsTracker::start(&ctx.bundle, upper.clone())
-                .map_err(|e| Error::Other(format!("rrc: writable layer tracking: {e}")))?,
-        ),
-        None => None,
-    };
+        .map_err(|e| Error::Other(format!("inbound gate: {e}")))?
+        .map_err(|e| Error::Other(format!("rrc: cannot gate the container's inputs: {e}")))?;
+    gate.release_all();
+    let rules = vec![
+        nfqueue_rule(None, queue),
+        [
+            "INPUT",
+            "!",
+            "-i",
+            "lo",
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            &gate_queue.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for rule in &rules {
+        // A rule left by a shim that was killed would send packets to a queue nobody reads.
+        let mut del = vec!["-D".to_string()];
+        del.extend(rule.iter().cloned());
+        while net::iptables(&ctx.setup.netns, &del).await.is_ok() {
+            tracing::warn!(id = %ctx.id, "removed a rule left by an earlier shim: {}", rule.join(" "));
+        }
+    }
+    let hooks = HookServer::start(&ctx.bundle, ctx.setup.upper.clone(), Arc::new(gate))
+        .map_err(|e| Error::Other(format!("rrc: the CRIU hook's socket: {e}")))?;
+    for (i, rule) in rules.iter().enumerate() {
+        let mut add = vec!["-A".to_string()];
+        add.extend(rule.iter().cloned());
+        if let Err(e) = net::iptables(&ctx.setup.netns, &add).await {
+            for rule in rules.iter().take(i) {
+                let mut del = vec!["-D".to_string()];
+                del.extend(rule.iter().cloned());
+                let _ = net::iptables(&ctx.setup.netns, &del).await;
+            }
+            return Err(Error::Other(format!(
+                "rrc: cannot install the output hold's rules: {e}"
+            )));
+        }
+    }
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(run(ctx, hold, rule, fs, rx));
+    let task = tokio::spawn(run(ctx, hold, rules, Some(hooks), rx));
     Ok(ReplicaHandle::new(tx, task))
 }
 
@@ -107,8 +137,8 @@ enum End {
 async fn run(
     ctx: PrimaryCtx,
     hold: OutputHold,
-    rule: Vec<String>,
-    fs: Option<FsTracker>,
+    rules: Vec<Vec<String>>,
+    fs: Option<HookServer>,
     mut stop: watch::Receiver<bool>,
 ) {
     let peer = ctx
@@ -206,10 +236,12 @@ async fn run(
             }
         }
     }
-    let mut del = vec!["-D".to_string()];
-    del.extend(rule);
-    if let Err(e) = net::iptables(&ctx.setup.netns, &del).await {
-        tracing::debug!(id = %ctx.id, "removing the output hold's rule: {e}");
+    for rule in rules {
+        let mut del = vec!["-D".to_string()];
+        del.extend(rule);
+        if let Err(e) = net::iptables(&ctx.setup.netns, &del).await {
+            tracing::debug!(id = %ctx.id, "removing the output hold's rule: {e}");
+        }
     }
     hold.release_all();
     drop(hold);
@@ -297,7 +329,7 @@ struct Parts<'a> {
     ctx: &'a PrimaryCtx,
     checkpointer: &'a Checkpointer<ShimRunner>,
     hold: &'a OutputHold,
-    fs: Option<&'a FsTracker>,
+    fs: Option<&'a HookServer>,
     instance: u64,
 }
 
@@ -345,15 +377,12 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
             .dump(&ctx.id, &dir, &DumpOptions::default())
             .await
             .map_err(|e| e.to_string());
-        let delta = fs.and_then(FsTracker::disarm);
-        if let (Some(fs), Ok(_)) = (fs, &dumped) {
-            if delta.is_none() {
-                dumped = Err(format!(
-                    "CRIU did not run the hook that saves the writable layer {} (see {})",
-                    fs.upper().display(),
-                    super::fs::HOOK_SCRIPT
-                ));
-            }
+        let delta = fs.and_then(HookServer::disarm);
+        if let (Some(_), Ok(_), None) = (fs, &dumped, &delta) {
+            dumped = Err(format!(
+                "CRIU did not run its post-dump hook ({} in the bundle)",
+                super::fs::HOOK_SCRIPT
+            ));
         }
         let fs_bytes = delta.as_ref().map(|d| d.bytes).unwrap_or(0);
         let report = match dumped {
@@ -382,6 +411,19 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
         failures = 0;
         let dump_ms = ms(report.wall);
         let frozen_ms = report.stats.as_ref().map(|s| ms(s.paused())).unwrap_or(0.0);
+        if let Some(st) = &report.stats {
+            tracing::info!(
+                id = %ctx.id,
+                epoch = e,
+                "checkpoint: freezing {:.1} ms, frozen {:.1} ms (memory dump {:.1} ms, write {:.1} ms), runc {:.1} ms, {} bytes",
+                ms(st.freezing),
+                ms(st.frozen),
+                ms(st.memdump),
+                ms(st.memwrite),
+                dump_ms,
+                report.image_bytes
+            );
+        }
         let sending = Instant::now();
         let seq = match send_checkpoint(ch, &report.image_dir, e).await {
             Ok(s) => s,
