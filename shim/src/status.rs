@@ -410,8 +410,14 @@ fn read_file(path: &Path) -> Result<ReplicaStatus, StatusError> {
             }
         }
     })?;
+    decode(&bytes, path)
+}
+
+/// Decodes the contents of a status file (`path` names it in errors): refuses anything that is
+/// not a JSON status of this format version.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<ReplicaStatus, StatusError> {
     let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|source| StatusError::NotJson {
+        serde_json::from_slice(bytes).map_err(|source| StatusError::NotJson {
             path: path.to_path_buf(),
             source,
         })?;
