@@ -13,18 +13,57 @@
 
 use std::fs;
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use rrc_integration::checker::{verify, Checker};
+use rrc_integration::checker::{verify, Checker, Report};
 use rrc_integration::pair::{
     iptables, kill_shims, status, wait_state, Pair, CONNECTIONS_SETTLE, ID,
 };
 use rrc_integration::{integration_unavailable, wait_for};
+use serde_json::Value;
 
 /// The tests use the same test hosts' names and ports; one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Skips (or fails under RRC_REQUIRE_INTEGRATION=1) without a test bed; otherwise takes the
+/// serial lock and builds the pair's bed.
+fn bed() -> Result<Option<(MutexGuard<'static, ()>, Pair)>> {
+    if let Some(why) = integration_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return Ok(None);
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(Some((serial, Pair::new()?)))
+}
+
+/// Waits for the backup to go live after a primary failure; returns its status.
+fn await_takeover(pair: &Pair) -> Result<Value> {
+    let st = wait_state(
+        pair.host("backup"),
+        &["live", "failed"],
+        Duration::from_secs(30),
+    )?;
+    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    Ok(st)
+}
+
+/// Lets the checker write to the new primary for a while, stops it, and checks that no
+/// connection broke and every acknowledged write is there.
+fn finish_checker(pair: &Pair, checker: Checker) -> Result<Report> {
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = checker.stop();
+    let broken = report.broken();
+    ensure!(broken.is_empty(), "connections broke: {broken:?}");
+    let client = pair.host("client").netns_path();
+    let problems = verify(&client, pair.service(), &report)?;
+    ensure!(
+        problems.is_empty(),
+        "acknowledged writes lost: {problems:?}"
+    );
+    Ok(report)
+}
 
 /// Recovery figures of one injection.
 #[derive(Debug)]
@@ -55,29 +94,13 @@ fn inject(pair: &Pair, after: Duration) -> Result<Recovery> {
     std::thread::sleep(CONNECTIONS_SETTLE);
     std::thread::sleep(after);
     pair.kill_primary()?;
-    let killed = Instant::now();
-    let st = wait_state(
-        pair.host("backup"),
-        &["live", "failed"],
-        Duration::from_secs(30),
-    )?;
-    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
-    // The new primary serves the same connections for a while.
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = checker.stop();
-    let broken = report.broken();
-    ensure!(broken.is_empty(), "connections broke: {broken:?}");
-    let problems = verify(&client.netns_path(), pair.service(), &report)?;
-    ensure!(
-        problems.is_empty(),
-        "acknowledged writes lost: {problems:?}"
-    );
+    let st = await_takeover(pair)?;
+    let report = finish_checker(pair, checker)?;
     let f = st["failovers"]
         .as_array()
         .and_then(|a| a.last())
         .ok_or_else(|| anyhow!("no failover recorded: {st}"))?;
     let num = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
-    let _ = killed;
     Ok(Recovery {
         after,
         detection_ms: num("detection_ms"),
@@ -153,12 +176,9 @@ fn delays(n: usize, seed: u64) -> Vec<Duration> {
 
 #[test]
 fn failover_keeps_connections_and_acknowledged_writes() -> Result<()> {
-    if let Some(why) = integration_unavailable() {
-        eprintln!("SKIPPED: {why}");
+    let Some((_serial, pair)) = bed()? else {
         return Ok(());
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pair = Pair::new()?;
+    };
     let n = injections();
     let seed = std::env::var("RRC_SEED")
         .ok()
@@ -205,12 +225,9 @@ fn failover_keeps_connections_and_acknowledged_writes() -> Result<()> {
 
 #[test]
 fn backup_loss_leaves_the_primary_serving_and_it_pairs_again() -> Result<()> {
-    if let Some(why) = integration_unavailable() {
-        eprintln!("SKIPPED: {why}");
+    let Some((_serial, pair)) = bed()? else {
         return Ok(());
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pair = Pair::new()?;
+    };
     pair.start()?;
     let client = pair.host("client");
     let checker = Checker::start(&client.netns_path(), pair.service(), 4);
@@ -256,20 +273,8 @@ fn backup_loss_leaves_the_primary_serving_and_it_pairs_again() -> Result<()> {
 
     // And a primary failure is survived.
     pair.kill_primary()?;
-    let st = wait_state(backup, &["live", "failed"], Duration::from_secs(30))?;
-    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = checker.stop();
-    ensure!(
-        report.broken().is_empty(),
-        "connections broke: {:?}",
-        report.broken()
-    );
-    let problems = verify(&client.netns_path(), pair.service(), &report)?;
-    ensure!(
-        problems.is_empty(),
-        "acknowledged writes lost: {problems:?}"
-    );
+    await_takeover(&pair)?;
+    let report = finish_checker(&pair, checker)?;
     eprintln!(
         "after backup loss, re-pairing and a primary kill: {} writes acknowledged, none lost, no connection broken",
         report.acknowledged()
@@ -279,12 +284,9 @@ fn backup_loss_leaves_the_primary_serving_and_it_pairs_again() -> Result<()> {
 
 #[test]
 fn a_backup_with_another_key_is_refused_and_the_primary_keeps_serving() -> Result<()> {
-    if let Some(why) = integration_unavailable() {
-        eprintln!("SKIPPED: {why}");
+    let Some((_serial, mut pair)) = bed()? else {
         return Ok(());
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut pair = Pair::new()?;
+    };
     pair.start_backup()?;
     // The primary holds another key.
     let other = pair.bed.dir().join("other.key");
@@ -330,12 +332,9 @@ fn a_backup_with_another_key_is_refused_and_the_primary_keeps_serving() -> Resul
 
 #[test]
 fn the_writable_layer_travels_with_each_checkpoint() -> Result<()> {
-    if let Some(why) = integration_unavailable() {
-        eprintln!("SKIPPED: {why}");
+    let Some((_serial, mut pair)) = bed()? else {
         return Ok(());
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut pair = Pair::new()?;
+    };
     // redis appends every write to /data/appendonlydir/* (fsync always): its files must match
     // its memory at every checkpoint, or the restore fails (CRIU checks open files' sizes) or
     // the file lacks writes.
@@ -354,24 +353,8 @@ fn the_writable_layer_travels_with_each_checkpoint() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(700));
     pair.kill_primary()?;
-    let st = wait_state(
-        pair.host("backup"),
-        &["live", "failed"],
-        Duration::from_secs(30),
-    )?;
-    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = checker.stop();
-    ensure!(
-        report.broken().is_empty(),
-        "connections broke: {:?}",
-        report.broken()
-    );
-    let problems = verify(&client.netns_path(), pair.service(), &report)?;
-    ensure!(
-        problems.is_empty(),
-        "acknowledged writes lost: {problems:?}"
-    );
+    await_takeover(&pair)?;
+    let report = finish_checker(&pair, checker)?;
     // Reload the data set from the append-only file the backup's rootfs holds now.
     let out = client
         .command("redis-cli")
@@ -396,12 +379,9 @@ fn the_writable_layer_travels_with_each_checkpoint() -> Result<()> {
 
 #[test]
 fn a_partitioned_primary_fences_itself_when_the_backup_took_over() -> Result<()> {
-    if let Some(why) = integration_unavailable() {
-        eprintln!("SKIPPED: {why}");
+    let Some((_serial, pair)) = bed()? else {
         return Ok(());
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pair = Pair::new()?;
+    };
     pair.start()?;
     let client = pair.host("client");
     let checker = Checker::start(&client.netns_path(), pair.service(), 4);
@@ -413,8 +393,7 @@ fn a_partitioned_primary_fences_itself_when_the_backup_took_over() -> Result<()>
     iptables(primary, &["-I", "INPUT", "-s", &b, "-j", "DROP"])?;
     iptables(primary, &["-I", "OUTPUT", "-d", &b, "-j", "DROP"])?;
     let cut = Instant::now();
-    let st = wait_state(backup, &["live", "failed"], Duration::from_secs(30))?;
-    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    await_takeover(&pair)?;
     let st = wait_state(primary, &["fenced"], Duration::from_secs(15))?;
     eprintln!(
         "partition: the old primary fenced itself {:?} after the cut ({})",
@@ -444,18 +423,7 @@ fn a_partitioned_primary_fences_itself_when_the_backup_took_over() -> Result<()>
         Ok(())
     })?;
 
-    std::thread::sleep(Duration::from_millis(1500));
-    let report = checker.stop();
-    ensure!(
-        report.broken().is_empty(),
-        "connections broke: {:?}",
-        report.broken()
-    );
-    let problems = verify(&client.netns_path(), pair.service(), &report)?;
-    ensure!(
-        problems.is_empty(),
-        "acknowledged writes lost: {problems:?}"
-    );
+    let report = finish_checker(&pair, checker)?;
     eprintln!(
         "partition: {} writes acknowledged, none lost, no connection broken",
         report.acknowledged()

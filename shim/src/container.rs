@@ -275,22 +275,14 @@ impl Container {
                     self.id, self.init.status
                 )));
             }
-            if let Some(r) = self.replica.as_mut() {
+            let ctx = self.replica_ctx();
+            if let (Some(r), Some(ctx)) = (self.replica.as_mut(), ctx) {
                 if r.standby {
                     // The backup's replication task is started by the task service.
                     self.init.pid = replica::backup::spawn_standby()?;
                     self.init.status = Status::RUNNING;
                     return Ok(self.init.pid);
                 }
-                let ctx = replica::primary::PrimaryCtx {
-                    id: self.id.clone(),
-                    namespace: self.namespace.clone(),
-                    bundle: self.bundle.clone(),
-                    setup: r.setup.clone(),
-                    config: self.config.clone(),
-                    runc_root: r.runc_root.clone(),
-                    runc_binary: r.runc_binary.clone(),
-                };
                 r.handle = Some(replica::primary::start(ctx).await?);
             }
             if let Err(e) = self.runc.start(&self.id).await {
@@ -342,6 +334,19 @@ impl Container {
         p.pid = read_pid_file(&pid_file)?;
         p.status = Status::RUNNING;
         Ok(p.pid)
+    }
+
+    /// What a replication task needs to know of this container (None: not replicated).
+    pub fn replica_ctx(&self) -> Option<replica::ReplicaCtx> {
+        self.replica.as_ref().map(|r| replica::ReplicaCtx {
+            id: self.id.clone(),
+            namespace: self.namespace.clone(),
+            bundle: self.bundle.clone(),
+            setup: r.setup.clone(),
+            config: self.config.clone(),
+            runc_root: r.runc_root.clone(),
+            runc_binary: r.runc_binary.clone(),
+        })
     }
 
     /// Whether this is a backup that has not taken over (init is the standby process).

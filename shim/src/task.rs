@@ -92,22 +92,19 @@ impl TaskService {
 impl TaskService {
     /// Starts a backup's replication task (its standby process is running).
     async fn start_backup(&self, c: &mut Container) -> containerd_shim::Result<()> {
-        let Some(r) = c.replica.as_mut() else {
+        let Some(replica) = c.replica_ctx() else {
             return Ok(());
         };
         let ctx = crate::replica::backup::BackupCtx {
-            id: c.id.clone(),
-            namespace: self.namespace.clone(),
-            bundle: c.bundle.clone(),
-            setup: r.setup.clone(),
-            config: c.config.clone(),
-            runc_root: r.runc_root.clone(),
-            runc_binary: r.runc_binary.clone(),
+            replica,
             stdio: c.init.stdio.clone(),
             containers: self.containers.clone(),
             events: self.events.clone(),
         };
-        r.handle = Some(crate::replica::backup::start(ctx).await?);
+        let handle = crate::replica::backup::start(ctx).await?;
+        if let Some(r) = c.replica.as_mut() {
+            r.handle = Some(handle);
+        }
         Ok(())
     }
 }

@@ -16,6 +16,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rrc_integration::checker::{verify, Checker};
 use rrc_integration::pair::{status, wait_state, Pair, CONNECTIONS_SETTLE, ID};
+use rrc_integration::Host;
+
+/// Prints `ctr task ls` of a host.
+fn print_tasks(label: &str, host: &Host) -> Result<()> {
+    let ls = host.ctr_ok(&["task", "ls"])?;
+    println!(
+        "[demo] {label} {}",
+        ls.trim_end().replace('\n', "\n[demo]   ")
+    );
+    Ok(())
+}
 
 fn main() -> Result<()> {
     let mut seconds = 5u64;
@@ -54,20 +65,8 @@ fn main() -> Result<()> {
         "[demo] primary protected: checkpoint {} committed at the backup",
         st["last_committed_epoch"]
     );
-    println!(
-        "[demo] primary host: {}",
-        primary
-            .ctr_ok(&["task", "ls"])?
-            .trim_end()
-            .replace('\n', "\n[demo]   ")
-    );
-    println!(
-        "[demo] backup host:  {}",
-        backup
-            .ctr_ok(&["task", "ls"])?
-            .trim_end()
-            .replace('\n', "\n[demo]   ")
-    );
+    print_tasks("primary host:", primary)?;
+    print_tasks("backup host: ", backup)?;
 
     let client = pair.host("client");
     let netns = client.netns_path();
@@ -108,13 +107,7 @@ fn main() -> Result<()> {
         f["network_ms"].as_f64().unwrap_or(0.0),
         f["from_epoch"]
     );
-    println!(
-        "[demo] backup host:  {}",
-        backup
-            .ctr_ok(&["task", "ls"])?
-            .trim_end()
-            .replace('\n', "\n[demo]   ")
-    );
+    print_tasks("backup host: ", backup)?;
     std::thread::sleep(Duration::from_secs(2));
     let report = checker.stop();
     println!(

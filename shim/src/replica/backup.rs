@@ -20,20 +20,19 @@
 //! The status file records each phase's duration.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::protos::events::task::TaskStart;
 use rrc_channel::{Channel, ChannelError, Role as ChannelRole};
 use rrc_checkpoint::{Piece, RestoreOptions, RestoreStdio, Store};
-use rrc_config::RrcConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 
 use super::net::{self, ServiceAddr};
 use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
-use super::{channel_config, checkpointer, ReplicaHandle, ReplicaSetup, StatusFile, STORE_DIR};
+use super::{channel_config, checkpointer, ReplicaCtx, ReplicaHandle, StatusFile, STORE_DIR};
 use crate::container::Container;
 use crate::io::{replica_streams, Stdio};
 use crate::status::{FailoverRecord, Role, State};
@@ -41,26 +40,22 @@ use crate::task::{send_event, EventSender};
 
 /// What the backup's loop needs.
 pub struct BackupCtx {
-    /// Container id.
-    pub id: String,
-    /// containerd namespace.
-    pub namespace: String,
-    /// Bundle.
-    pub bundle: PathBuf,
-    /// What Create prepared.
-    pub setup: ReplicaSetup,
-    /// The container's configuration.
-    pub config: RrcConfig,
-    /// runc's root (with the namespace).
-    pub runc_root: PathBuf,
-    /// The runc binary.
-    pub runc_binary: String,
+    /// The container.
+    pub replica: ReplicaCtx,
     /// The init's streams as containerd gave them.
     pub stdio: Stdio,
     /// The shim's containers, to adopt the restored init.
     pub containers: Arc<Mutex<HashMap<String, Container>>>,
     /// containerd's event queue.
     pub events: EventSender,
+}
+
+impl std::ops::Deref for BackupCtx {
+    type Target = ReplicaCtx;
+
+    fn deref(&self) -> &ReplicaCtx {
+        &self.replica
+    }
 }
 
 /// Starts the standby process: the task's pid until a failover. It runs this binary's

@@ -149,6 +149,25 @@ pub fn prepare(
     })
 }
 
+/// What both sides' replication tasks know of their container.
+#[derive(Debug, Clone)]
+pub struct ReplicaCtx {
+    /// Container id.
+    pub id: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Bundle.
+    pub bundle: PathBuf,
+    /// What Create prepared.
+    pub setup: ReplicaSetup,
+    /// The container's configuration.
+    pub config: RrcConfig,
+    /// runc's root (with the namespace).
+    pub runc_root: PathBuf,
+    /// The runc binary.
+    pub runc_binary: String,
+}
+
 /// A running replication task and the switch that stops it.
 pub struct ReplicaHandle {
     stop: watch::Sender<bool>,

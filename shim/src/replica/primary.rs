@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use containerd_shim::{Error, Result};
 use rrc_channel::{Channel, Role as ChannelRole};
 use rrc_checkpoint::{send_dir, Checkpointer, DumpOptions, TransferError};
-use rrc_config::RrcConfig;
 use rrc_output_hold::{nfqueue_rule, OutputHold};
 use tokio::sync::watch;
 
@@ -27,7 +26,7 @@ use super::fs::HookServer;
 use super::net;
 use super::runner::ShimRunner;
 use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
-use super::{channel_config, checkpointer, ReplicaHandle, ReplicaSetup, StatusFile, EPOCHS_DIR};
+use super::{channel_config, checkpointer, ReplicaCtx, ReplicaHandle, StatusFile, EPOCHS_DIR};
 use crate::status::{CheckpointFigures, Role, State};
 
 /// Consecutive failed checkpoints after which a paired primary stops holding outputs (and says
@@ -37,22 +36,7 @@ const MAX_FAILED_DUMPS: u32 = 3;
 const RECONNECT: Duration = Duration::from_secs(1);
 
 /// What the primary's loop needs.
-pub struct PrimaryCtx {
-    /// Container id.
-    pub id: String,
-    /// containerd namespace.
-    pub namespace: String,
-    /// Bundle.
-    pub bundle: PathBuf,
-    /// What Create prepared.
-    pub setup: ReplicaSetup,
-    /// The container's configuration.
-    pub config: RrcConfig,
-    /// runc's root (with the namespace).
-    pub runc_root: PathBuf,
-    /// The runc binary.
-    pub runc_binary: String,
-}
+pub type PrimaryCtx = ReplicaCtx;
 
 /// The NFQUEUE number a container's hold uses (in its own network namespace).
 fn queue_number(id: &str) -> u16 {
