@@ -181,16 +181,21 @@ impl Pair {
     /// Kills the primary host's part: the link first (nothing more leaves), then the shim and
     /// the container.
     pub fn kill_primary(&self) -> Result<()> {
-        let primary = self.host("primary");
+        self.kill_side("primary", "svc")
+    }
+
+    /// Kills one side: `netns`'s link first, then the shim and the container on `host`.
+    pub fn kill_side(&self, host: &str, netns: &str) -> Result<()> {
+        let side = self.host(host);
         ip(&[
             "-n",
-            self.host("svc").netns(),
+            self.host(netns).netns(),
             "link",
             "set",
             "eth0",
             "down",
         ])?;
-        let bundle = primary.bundle_dir(ID);
+        let bundle = side.bundle_dir(ID);
         for file in ["shim.pid", "init.pid"] {
             let text =
                 fs::read_to_string(bundle.join(file)).with_context(|| format!("read {file}"))?;
@@ -243,11 +248,27 @@ impl Pair {
             })
             .with_context(|| host.containerd_log_tail())?;
         }
-        let svc = self.host("svc").netns().to_string();
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &svc, "iptables", "-w", "-F", "OUTPUT"])
-            .output();
-        ip(&["-n", &svc, "link", "set", "eth0", "up"])?;
+        // A killed side leaves its hold and gate rules behind (a rebooted host would not).
+        for side in ["svc", "svcb"] {
+            let netns = self.host(side).netns().to_string();
+            for chain in ["INPUT", "OUTPUT"] {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &netns, "iptables", "-w", "-F", chain])
+                    .output();
+            }
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        }
+        // The service address back on the primary side only (a fenced primary removed it).
+        let cidr = format!("{}/15", self.host("svc").ip());
+        ip(&[
+            "-n",
+            self.host("svc").netns(),
+            "addr",
+            "replace",
+            &cidr,
+            "dev",
+            "eth0",
+        ])?;
         ip(&[
             "-n",
             self.host("svcb").netns(),

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Context, Result};
 use rrc_integration::checker::{verify, Checker, Report};
 use rrc_integration::pair::{
-    iptables, kill_shims, status, wait_state, Pair, CONNECTIONS_SETTLE, ID,
+    ip, iptables, kill_shims, status, wait_state, Pair, CONNECTIONS_SETTLE, ID,
 };
-use rrc_integration::{integration_unavailable, wait_for};
+use rrc_integration::{integration_unavailable, wait_for, Host};
 use serde_json::Value;
 
 /// The tests use the same test hosts' names and ports; one at a time.
@@ -40,12 +40,35 @@ fn bed() -> Result<Option<(MutexGuard<'static, ()>, Pair)>> {
 
 /// Waits for the backup to go live after a primary failure; returns its status.
 fn await_takeover(pair: &Pair) -> Result<Value> {
-    let st = wait_state(
-        pair.host("backup"),
-        &["live", "failed"],
-        Duration::from_secs(30),
-    )?;
-    ensure!(st["state"] == "live", "failover failed: {}", st["detail"]);
+    await_failover(pair.host("backup"), 1)
+}
+
+/// Waits until `host`'s status records its `n`th failover, which must have gone live (the state
+/// may already have moved on: a new primary with a peer configured waits for its own backup).
+fn await_failover(host: &Host, n: usize) -> Result<Value> {
+    let st = wait_for(Duration::from_secs(30), || {
+        let st = status(host)?;
+        let done = st["failovers"].as_array().map(Vec::len).unwrap_or(0);
+        ensure!(
+            done >= n || st["state"] == "failed",
+            "{} is {} with {done} failovers, waiting for failover {n}",
+            host.name(),
+            st["state"]
+        );
+        Ok(st)
+    })
+    .with_context(|| host.containerd_log_tail())?;
+    let last = st["failovers"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        last["outcome"] == "live",
+        "failover failed: {} ({})",
+        last["outcome"],
+        st["detail"]
+    );
     Ok(st)
 }
 
@@ -430,5 +453,73 @@ fn a_partitioned_primary_fences_itself_when_the_backup_took_over() -> Result<()>
     );
     iptables(primary, &["-F", "INPUT"])?;
     iptables(primary, &["-F", "OUTPUT"])?;
+    pair.reset()
+}
+
+#[test]
+fn the_new_primary_pairs_with_a_new_backup_and_survives_a_second_failure() -> Result<()> {
+    let Some((_serial, pair)) = bed()? else {
+        return Ok(());
+    };
+    let (primary, backup) = (pair.host("primary"), pair.host("backup"));
+    let (p, b) = (primary.ip(), backup.ip());
+    // The backup also names where its own backup will be once it has taken over.
+    let args = pair.run_args(
+        &[
+            "io.containerd.rrc.role=backup".into(),
+            format!("io.containerd.rrc.listen={b}:7070"),
+            format!("io.containerd.rrc.peer={p}:7070"),
+        ],
+        pair.host("svcb"),
+    );
+    backup.ctr_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    pair.start_primary()?;
+    wait_state(primary, &["protected"], Duration::from_secs(30))?;
+    let client = pair.host("client");
+    let checker = Checker::start(&client.netns_path(), pair.service(), 4);
+    std::thread::sleep(CONNECTIONS_SETTLE);
+
+    // First failure: the backup takes over, then tries to reach a backup of its own.
+    pair.kill_primary()?;
+    await_takeover(&pair)?;
+    // The primary host comes back with a fresh namespace for the container and a new backup.
+    let rm = primary.ctr(&["task", "rm", "-f", ID])?;
+    let err = String::from_utf8_lossy(&rm.stderr);
+    ensure!(
+        rm.status.success() || err.contains("not found"),
+        "task rm: {err}"
+    );
+    primary.ctr_ok(&["container", "rm", ID])?;
+    let svc = pair.host("svc").netns();
+    for chain in ["INPUT", "OUTPUT"] {
+        iptables(pair.host("svc"), &["-F", chain])?;
+    }
+    ip(&["-n", svc, "addr", "flush", "dev", "eth0"])?;
+    ip(&["-n", svc, "link", "set", "eth0", "up"])?;
+    let args = pair.run_args(
+        &[
+            "io.containerd.rrc.role=backup".into(),
+            format!("io.containerd.rrc.listen={p}:7070"),
+        ],
+        pair.host("svc"),
+    );
+    primary.ctr_ok(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let paired = Instant::now();
+    let st = wait_state(backup, &["protected"], Duration::from_secs(30))?;
+    eprintln!(
+        "the new primary is protected by the new backup {:?} after it started ({} failover on record)",
+        paired.elapsed(),
+        st["failovers"].as_array().map(Vec::len).unwrap_or(0)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Second failure, on the other host: the address moves back.
+    pair.kill_side("backup", "svcb")?;
+    await_failover(primary, 1)?;
+    let report = finish_checker(&pair, checker)?;
+    eprintln!(
+        "two failovers, back and forth: {} writes acknowledged over the same connections, none lost, none broken",
+        report.acknowledged()
+    );
     pair.reset()
 }

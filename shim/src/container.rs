@@ -378,6 +378,10 @@ impl Container {
         if standby > 0 {
             let _ = kill(Pid::from_raw(standby), Signal::SIGKILL);
         }
+        // As after runc create: containerd's cleanup of a lost shim reads it.
+        if let Err(e) = std::fs::write(self.bundle.join(INIT_PID_FILE), pid.to_string()) {
+            tracing::warn!("write {INIT_PID_FILE}: {e}");
+        }
         self.cgroup = u32::try_from(pid)
             .ok()
             .and_then(|pid| containerd_shim::cgroup::get_cgroup(pid).ok());

@@ -9,7 +9,8 @@
 //! When the primary goes silent past `failover-timeout-ms` (or its connection ends without a
 //! goodbye and it does not come back within that time), the backup fails over:
 //!
-//! 1. drops every packet arriving in the container's network namespace;
+//! 1. drops every packet entering or leaving the container's network namespace, removes rules
+//!    and destroys TCP sockets a killed container left there (they would block the restore);
 //! 2. puts the primary's service addresses on its interfaces;
 //! 3. restores the last committed checkpoint (`runc restore`, established TCP connections
 //!    included), the container's streams on new pipes copied to containerd's FIFOs or log;
@@ -322,10 +323,37 @@ async fn failover(
             tracing::info!(id = %ctx.id, pid, "live: restored checkpoint {epoch} in {:.0} ms (detection {:.0} ms)", ms(started.elapsed()), record.detection_ms);
             status.status.record_failover(record);
             status.status.role = Role::Primary;
+            let Some(peer) = ctx.config.peer.as_ref() else {
+                status.set(
+                    State::Live,
+                    Some(format!("took over from checkpoint {epoch}; no peer configured for a new backup (io.containerd.rrc.peer): UNPROTECTED")),
+                );
+                return;
+            };
             status.set(
                 State::Live,
-                Some(format!("took over from checkpoint {epoch}; no backup configured for this side: UNPROTECTED")),
+                Some(format!(
+                    "took over from checkpoint {epoch}; replicating to a new backup at {peer}"
+                )),
             );
+            // The new primary replicates in turn, to a backup started at its peer address.
+            match super::primary::start(ctx.replica.clone()).await {
+                Ok(handle) => {
+                    let mut containers = ctx.containers.lock().await;
+                    if let Some(r) = containers.get_mut(&ctx.id).and_then(|c| c.replica.as_mut()) {
+                        r.handle = Some(handle);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %ctx.id, "cannot replicate the new primary: {e}");
+                    status.set(
+                        State::Live,
+                        Some(format!(
+                            "took over from checkpoint {epoch}; cannot replicate: {e}; UNPROTECTED"
+                        )),
+                    );
+                }
+            }
         }
         Err(e) => {
             record.total_ms = ms(started.elapsed()) + record.detection_ms;
@@ -357,6 +385,10 @@ async fn take_over(
     }
     let t = Instant::now();
     net::drop_inbound(netns).await?;
+    super::primary::remove_stale_rules(ctx).await;
+    if let Err(e) = net::destroy_leftover_sockets(netns).await {
+        tracing::warn!(id = %ctx.id, "destroying leftover sockets: {e}");
+    }
     net::assign(netns, addresses).await?;
     let mut network = t.elapsed();
 

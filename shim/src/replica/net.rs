@@ -5,7 +5,7 @@
 //! reaper cannot steal their exit status.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -79,35 +79,90 @@ pub async fn iptables(netns: &Path, args: &[String]) -> Result<(), String> {
     run("nsenter", &argv).await.map(|_| ())
 }
 
-/// The rule that drops everything arriving in the namespace while a failover restores the
-/// container (no packet may reach the address before its sockets exist: the kernel would reset
-/// the clients' connections).
-fn drop_inbound_rule() -> Vec<String> {
-    [
-        "INPUT",
-        "-j",
-        "DROP",
-        "-m",
-        "comment",
-        "--comment",
-        "rrc-failover",
-    ]
-    .map(String::from)
-    .to_vec()
+/// The rules that drop everything entering and leaving the namespace while a failover restores
+/// the container: no packet may reach the address before its sockets exist (the kernel would
+/// reset the clients' connections), and nothing a leftover socket sends may leave.
+fn isolation_rules() -> [Vec<String>; 2] {
+    ["INPUT", "OUTPUT"].map(|chain| {
+        [
+            chain,
+            "-j",
+            "DROP",
+            "-m",
+            "comment",
+            "--comment",
+            "rrc-failover",
+        ]
+        .map(String::from)
+        .to_vec()
+    })
 }
 
-/// Drops every inbound packet in `netns` (see [`allow_inbound`]).
+/// Applies `op` (`-I` or `-D`) to every rule in one `iptables-restore --noflush` run.
+async fn restore_rules(netns: &Path, op: &str, rules: &[Vec<String>]) -> Result<(), String> {
+    let mut script = String::from("*filter\n");
+    for r in rules {
+        script.push_str(&format!("{op} {}\n", r.join(" ")));
+    }
+    script.push_str("COMMIT\n");
+    let mut cmd = tokio::process::Command::new("nsenter");
+    cmd.args([
+        net_arg(netns).as_str(),
+        "iptables-restore",
+        "-w",
+        "5",
+        "--noflush",
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    super::runner::run_with_input(cmd, script.as_bytes()).await
+}
+
+/// Drops every packet entering or leaving `netns` (see [`allow_inbound`]).
 pub async fn drop_inbound(netns: &Path) -> Result<(), String> {
-    let mut args = vec!["-I".to_string()];
-    args.extend(drop_inbound_rule());
-    iptables(netns, &args).await
+    restore_rules(netns, "-I", &isolation_rules()).await
 }
 
 /// Lifts [`drop_inbound`].
 pub async fn allow_inbound(netns: &Path) -> Result<(), String> {
-    let mut args = vec!["-D".to_string()];
-    args.extend(drop_inbound_rule());
-    iptables(netns, &args).await
+    restore_rules(netns, "-D", &isolation_rules()).await
+}
+
+/// The rules of `netns`'s filter table (`iptables -S`), one per line.
+pub async fn list_rules(netns: &Path) -> Result<String, String> {
+    run("nsenter", &[&net_arg(netns), "iptables", "-w", "5", "-S"]).await
+}
+
+/// Deletes every instance of `rule` (without `-A`/`-D`) from `netns`, if `listing` (from
+/// [`list_rules`]) shows one; returns how many.
+pub async fn delete_all(netns: &Path, rule: &[String], listing: &str) -> usize {
+    let chain = rule.first().map(String::as_str).unwrap_or_default();
+    let queue = rule.last().map(String::as_str).unwrap_or_default();
+    let present = listing.lines().any(|l| {
+        l.starts_with(&format!("-A {chain} ")) && l.contains("NFQUEUE") && l.ends_with(queue)
+    });
+    if !present {
+        return 0;
+    }
+    let mut del = vec!["-D".to_string()];
+    del.extend(rule.iter().cloned());
+    let mut n = 0;
+    while iptables(netns, &del).await.is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// Destroys every TCP socket left in `netns` (`ss -K`): sockets of a container that was killed
+/// there (a fenced primary's, or one whose shim died) keep the clients' 4-tuples, and a restore
+/// of the same connections then fails ("Cannot assign requested address"). Only for a
+/// namespace no live process of the container uses, and while [`drop_inbound`] isolates it
+/// (a destroyed socket sends a reset).
+pub async fn destroy_leftover_sockets(netns: &Path) -> Result<(), String> {
+    run("nsenter", &[&net_arg(netns), "ss", "-K", "-t", "-a"])
+        .await
+        .map(|_| ())
 }
 
 /// Puts `addrs` on their interfaces in `netns` (interfaces up), before the restore.
@@ -125,24 +180,32 @@ pub async fn assign(netns: &Path, addrs: &[ServiceAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// Gratuitous ARP for each address, so the network sends its traffic here.
+/// Gratuitous ARP for each address, so the network sends its traffic here: one announcement
+/// now (returned once sent), two more 20 ms apart in the background (a lost frame).
 pub async fn announce(netns: &Path, addrs: &[ServiceAddr]) -> Result<(), String> {
-    let (netns, addrs) = (netns.to_path_buf(), addrs.to_vec());
-    tokio::task::spawn_blocking(move || {
-        for a in &addrs {
-            rrc_takeover::announce(
-                &netns,
-                &a.interface,
-                a.address,
-                3,
-                Duration::from_millis(20),
-            )
-            .map_err(|e| e.to_string())?;
+    let send = |netns: PathBuf, addrs: Vec<ServiceAddr>, count: u32| {
+        tokio::task::spawn_blocking(move || {
+            for a in &addrs {
+                rrc_takeover::announce(
+                    &netns,
+                    &a.interface,
+                    a.address,
+                    count,
+                    Duration::from_millis(20),
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        })
+    };
+    let first = send(netns.to_path_buf(), addrs.to_vec(), 1).await;
+    let again = send(netns.to_path_buf(), addrs.to_vec(), 2);
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = again.await {
+            tracing::warn!("repeating the gratuitous ARP: {e}");
         }
-        Ok(())
-    })
-    .await
-    .map_err(|e| format!("announce task: {e}"))?
+    });
+    first.map_err(|e| format!("announce task: {e}"))?
 }
 
 /// Removes `addrs` from `netns`: a fenced primary stops answering for them.

@@ -46,6 +46,44 @@ fn queue_number(id: &str) -> u16 {
     u16::try_from(1000 + h % 1000).unwrap_or(1000)
 }
 
+/// The iptables rules of a container's output hold (OUTPUT) and inbound gate (INPUT).
+fn hold_rules(id: &str) -> Vec<Vec<String>> {
+    let queue = queue_number(id);
+    vec![
+        nfqueue_rule(None, queue),
+        [
+            "INPUT",
+            "!",
+            "-i",
+            "lo",
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            &(queue + 1000).to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    ]
+}
+
+/// Removes hold and gate rules a killed shim left in the container's namespace: they would send
+/// packets to queues nobody reads.
+pub async fn remove_stale_rules(ctx: &ReplicaCtx) {
+    let listing = match net::list_rules(&ctx.setup.netns).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(id = %ctx.id, "listing the namespace's rules: {e}");
+            return;
+        }
+    };
+    for rule in hold_rules(&ctx.id) {
+        let n = net::delete_all(&ctx.setup.netns, &rule, &listing).await;
+        if n > 0 {
+            tracing::warn!(id = %ctx.id, "removed {n} rule(s) left by an earlier shim: {}", rule.join(" "));
+        }
+    }
+}
+
 /// Starts holding the container's outputs (call before `runc start`, so nothing leaves
 /// unaccounted) and the epoch loop. Fails, with nothing left behind, if the hold cannot be set
 /// up.
@@ -67,29 +105,9 @@ pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
         .map_err(|e| Error::Other(format!("inbound gate: {e}")))?
         .map_err(|e| Error::Other(format!("rrc: cannot gate the container's inputs: {e}")))?;
     gate.release_all();
-    let rules = vec![
-        nfqueue_rule(None, queue),
-        [
-            "INPUT",
-            "!",
-            "-i",
-            "lo",
-            "-j",
-            "NFQUEUE",
-            "--queue-num",
-            &gate_queue.to_string(),
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for rule in &rules {
-        // A rule left by a shim that was killed would send packets to a queue nobody reads.
-        let mut del = vec!["-D".to_string()];
-        del.extend(rule.iter().cloned());
-        while net::iptables(&ctx.setup.netns, &del).await.is_ok() {
-            tracing::warn!(id = %ctx.id, "removed a rule left by an earlier shim: {}", rule.join(" "));
-        }
-    }
+    let rules = hold_rules(&ctx.id);
+
+    remove_stale_rules(&ctx).await;
     let hooks = HookServer::start(&ctx.bundle, ctx.setup.upper.clone(), Arc::new(gate))
         .map_err(|e| Error::Other(format!("rrc: the CRIU hook's socket: {e}")))?;
     for (i, rule) in rules.iter().enumerate() {
@@ -138,6 +156,10 @@ async fn run(
         Role::Primary,
         Some(peer.clone()),
     );
+    // A backup that took over and now replicates in turn keeps its failover history.
+    if let Ok(previous) = crate::status::read(&ctx.bundle) {
+        status.status.failovers = previous.failovers;
+    }
     status.set(
         State::WaitingForBackup,
         Some(format!("connecting to the backup at {peer}")),

@@ -70,6 +70,42 @@ impl CommandRunner for ShimRunner {
     }
 }
 
+/// Runs `cmd` (stdin piped) with [`ShimRunner`], writing `input` to its stdin; an error with
+/// its stderr if it fails.
+pub async fn run_with_input(mut cmd: tokio::process::Command, input: &[u8]) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let what = format!("{:?}", cmd.as_std().get_program());
+    let sub = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let sub_id = sub.id;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = monitor_unsubscribe(sub_id).await;
+            return Err(format!("{what}: {e}"));
+        }
+    };
+    let Some(pid) = child.id() else {
+        let _ = monitor_unsubscribe(sub_id).await;
+        return Err(format!("{what}: no pid"));
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        if let Err(e) = stdin.write_all(input).await {
+            tracing::warn!("writing to {what}: {e}");
+        }
+    }
+    let (stderr, code) = tokio::join!(read_all(child.stderr.take()), wait_for_exit(pid, sub));
+    if code != 0 {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            exit_status(code),
+            String::from_utf8_lossy(&stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `program args...` to its end with [`ShimRunner`]; its stdout, or an error with its
 /// stderr.
 pub async fn run(program: &str, args: &[&str]) -> Result<String, String> {
