@@ -43,7 +43,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         key: "peer",
         default: "(none)",
-        help: "address (IP:port or host:port) of the backup a primary replicates to",
+        help: "address (IP:port or host:port) of the backup a primary replicates to; on a backup, where its own backup listens once it has taken over",
     },
     KeyDoc {
         key: "listen",
