@@ -1,0 +1,1384 @@
+//! The recorder's state machine: attach, follow every thread, record at every stop.
+//!
+//! One thread runs it (ptrace ties tracees to the tracing thread). It waits for any tracee's
+//! stop with `waitpid(-1, __WALL | __WNOTHREAD)` and handles it:
+//!
+//! * **seccomp stop** (`PTRACE_EVENT_SECCOMP`, a syscall the filter traces): read the syscall
+//!   with `PTRACE_GET_SYSCALL_INFO`, snapshot what the exit will need (value-result lengths),
+//!   resume with `PTRACE_SYSCALL` so the syscall runs and stops again at its exit;
+//! * **syscall-exit stop**: read the return value, read back every byte the syscall wrote
+//!   ([`crate::capture`]), emit [`Event::Syscall`], resume with `PTRACE_CONT` (no stop until the
+//!   next traced syscall);
+//! * **clone/fork/vfork event**: emit [`Event::ThreadCreated`] for the child, which the kernel
+//!   has attached already (`PTRACE_O_TRACECLONE|FORK|VFORK`). The child's first stop may be
+//!   reported before its creator's event: it is then held, not resumed, until the event has been
+//!   emitted, so no event of a thread ever precedes its creation in the log;
+//! * **exec event**: emit [`Event::Exec`], forget the threads exec killed, patch the new image's
+//!   vDSO ([`crate::vdso`]) and inject `prctl(PR_SET_TSC, PR_TSC_SIGSEGV)` at the execve's exit;
+//! * **signal-delivery stop**: a SIGSEGV from `rdtsc`/`rdtscp` is emulated and recorded as
+//!   [`Event::Rdtsc`]; any other signal is recorded as [`Event::Signal`] and delivered;
+//! * **group-stop**: `PTRACE_LISTEN` (job control keeps working);
+//! * **exit**: [`Event::ThreadExited`].
+//!
+//! Attaching to an existing process seizes every thread (rescanning `/proc/PID/task` until no
+//! new one appears), interrupts each, and waits until all have stopped (the *attach barrier*)
+//! before patching the vDSO, so that no thread runs while its code changes. A process found in
+//! job-control stop (the `--exec` launcher's child, stopped in SIGSTOP) is then sent SIGCONT.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+
+use crate::bpf::{AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
+use crate::capture::{self, EntrySnapshot, MemRead};
+use crate::event::{CreateKind, Event, ExitKind, MemWrite, Sink, SyscallRecord, Tid};
+use crate::ptrace::{self, Regs, Resume, Stop, Tracer};
+use crate::syscalls::{self, Class};
+use crate::vdso;
+
+/// Errors that end a recording.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// A ptrace or wait operation failed other than by the tracee vanishing.
+    #[error("{what} (thread {tid}): {err}")]
+    Trace {
+        /// The operation.
+        what: &'static str,
+        /// The thread.
+        tid: Tid,
+        /// Why.
+        err: io::Error,
+    },
+    /// Could not attach to the process at all.
+    #[error("attaching to {pid}: {err}")]
+    Attach {
+        /// The process.
+        pid: Tid,
+        /// Why.
+        err: io::Error,
+    },
+    /// The sink refused an event.
+    #[error("writing an event: {0}")]
+    Sink(io::Error),
+}
+
+/// Recording options.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Patch the vDSO time entry points at attach and at every exec (default on).
+    pub patch_vdso: bool,
+    /// Inject `PR_SET_TSC(PR_TSC_SIGSEGV)` at every exec and emulate `rdtsc`/`rdtscp`
+    /// (default on; needs `patch_vdso`, whose stub provides the `syscall` instruction).
+    ///
+    /// The tracing thread then runs with `PR_TSC_SIGSEGV` itself while in [`Recorder::run`]
+    /// (see there): code running on it, [`Sink::record`] included, must not read the clock
+    /// through the vDSO (`Instant::now`, `SystemTime::now`): that executes `rdtsc` and kills
+    /// the recorder with SIGSEGV. Use [`now_ns`], or hand the work to another thread (the
+    /// flag is per thread).
+    pub trap_rdtsc: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            patch_vdso: true,
+            trap_rdtsc: true,
+        }
+    }
+}
+
+/// What a finished recording reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// How the first attached process's main thread ended.
+    pub root_exit: Option<ExitKind>,
+    /// Events emitted.
+    pub events: u64,
+    /// Syscalls recorded.
+    pub syscalls: u64,
+    /// Stops handled.
+    pub stops: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    nr: u64,
+    args: [u64; 6],
+    entry: EntrySnapshot,
+    gap_ns: u64,
+}
+
+#[derive(Debug)]
+enum InjectPhase {
+    /// Waiting for the injected syscall's entry stop.
+    Entry,
+    /// Waiting for its exit stop.
+    Exit,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Seized, first stop not seen yet.
+    Attaching,
+    /// Running (or stopped at a stop being handled); resumed with PTRACE_CONT.
+    Running,
+    /// In a traced syscall; resumed with PTRACE_SYSCALL to see its exit.
+    InSyscall(Pending),
+    /// Running a syscall the recorder injected; `saved` are the registers to restore after.
+    Injecting {
+        saved: Box<Regs>,
+        phase: InjectPhase,
+        nr: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Thread {
+    tgid: Tid,
+    state: State,
+    /// When the recorder last resumed it after a recorded syscall (or created/attached it).
+    last: u64,
+    /// Inject PR_SET_TSC at the exit of the exec in progress.
+    inject_tsc_at_exit: bool,
+}
+
+/// The recorder. `T` does the tracing (the real [`ptrace::Ptrace`] or a test double), `S`
+/// receives the events.
+pub struct Recorder<T: Tracer, S: Sink> {
+    tracer: T,
+    sink: S,
+    opts: Options,
+    threads: HashMap<Tid, Thread>,
+    /// First stops of threads whose creation has not been reported yet.
+    held: HashMap<Tid, i32>,
+    /// Exits of threads whose creation has not been reported yet.
+    early_exits: HashMap<Tid, ExitKind>,
+    /// Threads still to report their first stop after attach.
+    attaching: usize,
+    /// First stops collected during the attach barrier.
+    deferred: Vec<(Tid, i32)>,
+    /// Processes that were in job-control stop when attached (sent SIGCONT after the barrier).
+    resume_after_attach: Vec<Tid>,
+    /// Attached processes whose vDSO is still to be patched at the barrier.
+    to_patch: Vec<Tid>,
+    /// Per process: the address of a `syscall` instruction the recorder can inject through.
+    syscall_insn: HashMap<Tid, u64>,
+    root: Option<Tid>,
+    summary: Summary,
+}
+
+impl<T: Tracer, S: Sink> std::fmt::Debug for Recorder<T, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("threads", &self.threads.len())
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+const SI_KERNEL: i32 = 0x80;
+const PR_SET_TSC: u64 = 26;
+const PR_TSC_SIGSEGV: u64 = 2;
+
+fn is_gone(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::ESRCH)
+}
+
+struct Mem<'a, T: Tracer> {
+    tracer: &'a mut T,
+    tid: Tid,
+}
+
+impl<T: Tracer> MemRead for Mem<'_, T> {
+    fn read(&mut self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.tracer.read_mem(self.tid, addr, len)
+    }
+}
+
+impl<T: Tracer, S: Sink> Recorder<T, S> {
+    /// A recorder with no tracee yet.
+    pub fn new(tracer: T, sink: S, opts: Options) -> Self {
+        Recorder {
+            tracer,
+            sink,
+            opts,
+            threads: HashMap::new(),
+            held: HashMap::new(),
+            early_exits: HashMap::new(),
+            attaching: 0,
+            deferred: Vec::new(),
+            resume_after_attach: Vec::new(),
+            to_patch: Vec::new(),
+            syscall_insn: HashMap::new(),
+            root: None,
+            summary: Summary::default(),
+        }
+    }
+
+    /// The sink back (after [`Recorder::run`]).
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// Seizes every thread of process `pid`. The process may be running, blocked, or stopped
+    /// in SIGSTOP (it is then continued once every thread is attached). Call [`Recorder::run`]
+    /// next, on the same thread.
+    pub fn attach(&mut self, pid: Tid) -> Result<(), RecordError> {
+        let status = self
+            .tracer
+            .status(pid)
+            .map_err(|err| RecordError::Attach { pid, err })?;
+        let mut seized: Vec<Tid> = Vec::new();
+        loop {
+            let tids = self
+                .tracer
+                .task_ids(pid)
+                .map_err(|err| RecordError::Attach { pid, err })?;
+            let new: Vec<Tid> = tids.into_iter().filter(|t| !seized.contains(t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                seized.push(tid);
+                match self.tracer.seize(tid, ptrace::OPTIONS) {
+                    Ok(()) => {}
+                    Err(e) if is_gone(&e) && tid != pid => continue,
+                    // A thread created meanwhile by a seized thread is auto-attached already.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && tid != pid => continue,
+                    Err(err) => return Err(RecordError::Attach { pid, err }),
+                }
+                self.threads.insert(
+                    tid,
+                    Thread {
+                        tgid: pid,
+                        state: State::Attaching,
+                        last: now_ns(),
+                        inject_tsc_at_exit: false,
+                    },
+                );
+                self.attaching += 1;
+            }
+        }
+        for &tid in &seized {
+            if let Err(e) = self.tracer.interrupt(tid) {
+                if !is_gone(&e) {
+                    return Err(RecordError::Trace {
+                        what: "PTRACE_INTERRUPT",
+                        tid,
+                        err: e,
+                    });
+                }
+            }
+        }
+        if status.stopped {
+            self.resume_after_attach.push(pid);
+        }
+        if self.opts.patch_vdso {
+            self.to_patch.push(pid);
+        }
+        self.root.get_or_insert(pid);
+        tracing::debug!(pid, threads = seized.len(), "seized");
+        Ok(())
+    }
+
+    /// Runs until no tracee is left. Returns how the root process ended and counters.
+    ///
+    /// With [`Options::trap_rdtsc`], the calling thread runs with `PR_TSC_SIGSEGV` too while it
+    /// records: the kernel rewrites CR4 at every context switch between a task that may read
+    /// the TSC and one that may not, and in this platform's VMs that costs about 4 µs per
+    /// switch, four switches per recorded syscall. (The recorder reads its clock with the
+    /// `clock_gettime` syscall, never the vDSO, and lifts the flag around its own `rdtsc`.)
+    pub fn run(&mut self) -> Result<Summary, RecordError> {
+        let _tsc = self.opts.trap_rdtsc.then(SelfNoTsc::set);
+        while let Some((tid, status)) = self.tracer.wait().map_err(|err| RecordError::Trace {
+            what: "waitpid",
+            tid: -1,
+            err,
+        })? {
+            self.summary.stops += 1;
+            self.handle(tid, status)?;
+        }
+        self.sink.flush().map_err(RecordError::Sink)?;
+        Ok(self.summary.clone())
+    }
+
+    /// Handles one `waitpid` report.
+    pub fn handle(&mut self, tid: Tid, status: i32) -> Result<(), RecordError> {
+        let stop = Stop::decode(status);
+        match stop {
+            Stop::Exited(code) => return self.on_exit(tid, ExitKind::Exited(code)),
+            Stop::Killed(sig) => return self.on_exit(tid, ExitKind::Killed(sig)),
+            _ => {}
+        }
+        let Some(thread) = self.threads.get_mut(&tid) else {
+            // A new thread whose creator's event has not been handled yet: hold it.
+            tracing::trace!(tid, "holding unannounced thread");
+            self.held.insert(tid, status);
+            return Ok(());
+        };
+        if matches!(thread.state, State::Attaching) {
+            thread.state = State::Running;
+            self.attaching = self.attaching.saturating_sub(1);
+            self.deferred.push((tid, status));
+            return self.maybe_finish_attach();
+        }
+        self.on_stop(tid, stop, false)
+    }
+
+    fn maybe_finish_attach(&mut self) -> Result<(), RecordError> {
+        if self.attaching > 0 {
+            return Ok(());
+        }
+        // Every attached thread is stopped: announce them, patch, then let them go.
+        let mut tids: Vec<(Tid, Tid)> = self
+            .deferred
+            .iter()
+            .filter_map(|(t, _)| self.threads.get(t).map(|th| (th.tgid, *t)))
+            .collect();
+        tids.sort_unstable();
+        for (tgid, tid) in tids {
+            let ns_tid = self.tracer.status(tid).ok().and_then(|s| s.ns_tid);
+            self.emit(Event::Attached { tid, tgid, ns_tid })?;
+        }
+        for tgid in std::mem::take(&mut self.to_patch) {
+            // Where each stopped thread of the process will resume: no stub may cover it.
+            let members: Vec<Tid> = self
+                .deferred
+                .iter()
+                .map(|(t, _)| *t)
+                .filter(|t| self.threads.get(t).is_some_and(|th| th.tgid == tgid))
+                .collect();
+            let avoid: Vec<u64> = members
+                .iter()
+                .filter_map(|&t| self.tracer.regs(t).ok().map(|r| r.rip))
+                .collect();
+            self.patch_vdso(tgid, tgid, &avoid)?;
+        }
+        for pid in std::mem::take(&mut self.resume_after_attach) {
+            if let Err(e) = self.tracer.kill(pid, libc::SIGCONT) {
+                tracing::warn!(pid, "SIGCONT after attach: {e}");
+            }
+        }
+        for (tid, status) in std::mem::take(&mut self.deferred) {
+            self.on_stop(tid, Stop::decode(status), true)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, event: Event) -> Result<(), RecordError> {
+        self.summary.events += 1;
+        if matches!(event, Event::Syscall(_)) {
+            self.summary.syscalls += 1;
+        }
+        self.sink.record(event).map_err(RecordError::Sink)
+    }
+
+    /// Resumes `tid` the way its state needs, delivering `sig`.
+    fn resume(&mut self, tid: Tid, sig: i32) -> Result<(), RecordError> {
+        let how = match self.threads.get(&tid).map(|t| &t.state) {
+            Some(State::InSyscall(_)) | Some(State::Injecting { .. }) => Resume::Syscall,
+            _ => Resume::Cont,
+        };
+        self.resume_as(tid, how, sig)
+    }
+
+    fn resume_as(&mut self, tid: Tid, how: Resume, sig: i32) -> Result<(), RecordError> {
+        match self.tracer.resume(tid, how, sig) {
+            Ok(()) => Ok(()),
+            // Killed meanwhile (e.g. another thread's exit_group): its exit report follows.
+            Err(e) if is_gone(&e) => Ok(()),
+            Err(err) => Err(RecordError::Trace {
+                what: "resume",
+                tid,
+                err,
+            }),
+        }
+    }
+
+    fn on_stop(&mut self, tid: Tid, stop: Stop, first: bool) -> Result<(), RecordError> {
+        match stop {
+            Stop::Event {
+                event: ptrace::EVENT_SECCOMP,
+                ..
+            } => self.on_seccomp(tid),
+            Stop::Syscall => self.on_syscall_stop(tid),
+            Stop::Event {
+                event: ev @ (ptrace::EVENT_FORK | ptrace::EVENT_VFORK | ptrace::EVENT_CLONE),
+                ..
+            } => self.on_create(tid, ev),
+            Stop::Event {
+                event: ptrace::EVENT_EXEC,
+                ..
+            } => self.on_exec(tid),
+            Stop::Event {
+                event: ptrace::EVENT_STOP,
+                sig,
+            } => {
+                let group_stop = matches!(
+                    sig,
+                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                );
+                if group_stop && !first {
+                    // Job control: stay stopped until SIGCONT, which reports another stop.
+                    self.resume_as(tid, Resume::Listen, 0)
+                } else {
+                    self.resume(tid, 0)
+                }
+            }
+            Stop::Signal(sig) => self.on_signal(tid, sig),
+            Stop::Event { .. } | Stop::Other(_) => self.resume(tid, 0),
+            Stop::Exited(_) | Stop::Killed(_) => Ok(()),
+        }
+    }
+
+    fn on_seccomp(&mut self, tid: Tid) -> Result<(), RecordError> {
+        let now = now_ns();
+        if let Some(State::Injecting { .. }) = self.threads.get(&tid).map(|t| &t.state) {
+            // The recorder's own injected syscall, traced by a container profile: let it run.
+            return self.resume_as(tid, Resume::Syscall, 0);
+        }
+        let info = match self.tracer.syscall_info(tid) {
+            Ok(i) => i,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GET_SYSCALL_INFO",
+                    tid,
+                    err,
+                })
+            }
+        };
+        let gap_ns = self
+            .threads
+            .get(&tid)
+            .map(|t| now.saturating_sub(t.last))
+            .unwrap_or(0);
+        if info.op != ptrace::INFO_SECCOMP {
+            tracing::warn!(tid, op = info.op, "seccomp stop without seccomp info");
+            return self.resume(tid, 0);
+        }
+        if info.arch != AUDIT_ARCH_X86_64 || info.nr & u64::from(X32_SYSCALL_BIT) != 0 {
+            self.emit(Event::Unrecordable {
+                tid,
+                what: format!(
+                    "syscall {} through a foreign ABI (audit arch {:#x}): not recorded",
+                    info.nr, info.arch
+                ),
+            })?;
+            return self.resume(tid, 0);
+        }
+        let sc = syscalls::by_nr(info.nr);
+        if sc.is_some_and(|s| s.no_return) {
+            self.emit(Event::Syscall(SyscallRecord {
+                tid,
+                nr: info.nr,
+                args: info.args,
+                ret: None,
+                gap_ns,
+                writes: Vec::new(),
+                incomplete: false,
+            }))?;
+            if let Some(t) = self.threads.get_mut(&tid) {
+                t.last = now_ns();
+            }
+            return self.resume(tid, 0);
+        }
+        if let Some(s) = sc.filter(|s| s.class == Class::Unrecordable) {
+            self.emit(Event::Unrecordable {
+                tid,
+                what: format!("{}: {}", s.name, s.reason),
+            })?;
+        }
+        if syscalls::records_entry(info.nr) {
+            self.emit(Event::SyscallEntry {
+                tid,
+                nr: info.nr,
+                args: info.args,
+                gap_ns,
+            })?;
+        }
+        let entry = match sc {
+            Some(s) => capture::entry_snapshot(
+                s,
+                &info.args,
+                &mut Mem {
+                    tracer: &mut self.tracer,
+                    tid,
+                },
+            ),
+            None => EntrySnapshot::default(),
+        };
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.state = State::InSyscall(Pending {
+                nr: info.nr,
+                args: info.args,
+                entry,
+                gap_ns,
+            });
+        }
+        self.resume_as(tid, Resume::Syscall, 0)
+    }
+
+    fn on_syscall_stop(&mut self, tid: Tid) -> Result<(), RecordError> {
+        let Some(thread) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
+        match std::mem::replace(&mut thread.state, State::Running) {
+            State::InSyscall(p) => self.finish_syscall(tid, p),
+            State::Injecting { saved, phase, nr } => self.continue_injection(tid, saved, phase, nr),
+            other => {
+                // Not expecting one: carry on.
+                thread.state = other;
+                self.resume(tid, 0)
+            }
+        }
+    }
+
+    fn finish_syscall(&mut self, tid: Tid, p: Pending) -> Result<(), RecordError> {
+        let info = match self.tracer.syscall_info(tid) {
+            Ok(i) => i,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GET_SYSCALL_INFO",
+                    tid,
+                    err,
+                })
+            }
+        };
+        if info.op != ptrace::INFO_EXIT {
+            tracing::warn!(tid, nr = p.nr, op = info.op, "expected a syscall-exit stop");
+        }
+        let ret = info.rval;
+        let captured = match syscalls::by_nr(p.nr) {
+            Some(sc) => capture::capture(
+                sc,
+                &p.args,
+                &p.entry,
+                ret,
+                &mut Mem {
+                    tracer: &mut self.tracer,
+                    tid,
+                },
+            ),
+            None => capture::Captured::default(),
+        };
+        if captured.incomplete {
+            tracing::warn!(
+                tid,
+                nr = p.nr,
+                ret,
+                "could not read back all memory the syscall wrote"
+            );
+        }
+        self.emit(Event::Syscall(SyscallRecord {
+            tid,
+            nr: p.nr,
+            args: p.args,
+            ret: Some(ret),
+            gap_ns: p.gap_ns,
+            writes: captured.writes,
+            incomplete: captured.incomplete,
+        }))?;
+        let inject = match self.threads.get_mut(&tid) {
+            Some(t) => {
+                t.last = now_ns();
+                std::mem::take(&mut t.inject_tsc_at_exit) && ret == 0
+            }
+            None => false,
+        };
+        if inject && self.start_tsc_injection(tid)? {
+            return Ok(());
+        }
+        self.resume(tid, 0)
+    }
+
+    fn on_create(&mut self, tid: Tid, event: u32) -> Result<(), RecordError> {
+        let child = match self.tracer.event_msg(tid) {
+            Ok(m) => m as Tid,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GETEVENTMSG",
+                    tid,
+                    err,
+                })
+            }
+        };
+        let parent_tgid = self.threads.get(&tid).map(|t| t.tgid).unwrap_or(tid);
+        let status = self.tracer.status(child).ok();
+        let child_tgid = status.map(|s| s.tgid).unwrap_or(child);
+        let kind = match event {
+            ptrace::EVENT_VFORK => CreateKind::Vfork,
+            ptrace::EVENT_CLONE if child_tgid == parent_tgid => CreateKind::Thread,
+            _ => CreateKind::Process,
+        };
+        self.emit(Event::ThreadCreated {
+            parent: tid,
+            child,
+            child_tgid,
+            kind,
+            ns_tid: status.and_then(|s| s.ns_tid),
+        })?;
+        self.threads.insert(
+            child,
+            Thread {
+                tgid: child_tgid,
+                state: State::Running,
+                last: now_ns(),
+                inject_tsc_at_exit: false,
+            },
+        );
+        if kind != CreateKind::Thread {
+            if let Some(&insn) = self.syscall_insn.get(&parent_tgid) {
+                // Same memory image (fork copies it, vfork shares it).
+                self.syscall_insn.insert(child_tgid, insn);
+            }
+        }
+        if let Some(how) = self.early_exits.remove(&child) {
+            self.threads.remove(&child);
+            self.emit(Event::ThreadExited { tid: child, how })?;
+        } else if let Some(status) = self.held.remove(&child) {
+            self.on_stop(child, Stop::decode(status), true)?;
+        }
+        self.resume(tid, 0)
+    }
+
+    fn on_exec(&mut self, tid: Tid) -> Result<(), RecordError> {
+        let former = match self.tracer.event_msg(tid) {
+            Ok(m) => m as Tid,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GETEVENTMSG",
+                    tid,
+                    err,
+                })
+            }
+        };
+        // After exec the process has one thread, `tid` (the leader's id), carrying on the
+        // state of the thread that called execve (`former`).
+        let carried = self.threads.remove(&former);
+        if former != tid {
+            self.threads.remove(&tid);
+        }
+        let mut others: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.tgid == tid)
+            .map(|(&t, _)| t)
+            .collect();
+        others.sort_unstable();
+        for t in others {
+            self.threads.remove(&t);
+            self.emit(Event::ThreadExited {
+                tid: t,
+                how: ExitKind::ReplacedByExec,
+            })?;
+        }
+        let mut thread = carried.unwrap_or(Thread {
+            tgid: tid,
+            state: State::Running,
+            last: now_ns(),
+            inject_tsc_at_exit: false,
+        });
+        thread.tgid = tid;
+        self.threads.insert(tid, thread);
+        self.syscall_insn.remove(&tid);
+        let exe = self.tracer.exe(tid);
+        self.emit(Event::Exec {
+            tid,
+            former_tid: former,
+            exe,
+        })?;
+        if self.opts.patch_vdso {
+            self.patch_vdso(tid, tid, &[])?;
+        }
+        if self.opts.trap_rdtsc {
+            if let Some(t) = self.threads.get_mut(&tid) {
+                // At the execve's exit stop, when the thread is about to enter the new image.
+                t.inject_tsc_at_exit = matches!(t.state, State::InSyscall(_));
+            }
+        }
+        self.resume(tid, 0)
+    }
+
+    fn on_signal(&mut self, tid: Tid, sig: i32) -> Result<(), RecordError> {
+        let si = match self.tracer.siginfo(tid) {
+            Ok(si) => si,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GETSIGINFO",
+                    tid,
+                    err,
+                })
+            }
+        };
+        let regs = match self.tracer.regs(tid) {
+            Ok(r) => r,
+            Err(e) if is_gone(&e) => return Ok(()),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GETREGS",
+                    tid,
+                    err,
+                })
+            }
+        };
+        if sig == libc::SIGSEGV && si.code == SI_KERNEL && self.opts.trap_rdtsc {
+            if let Some(event) = self.emulate_rdtsc(tid, regs)? {
+                self.emit(event)?;
+                return self.resume(tid, 0);
+            }
+        }
+        self.emit(Event::Signal {
+            tid,
+            signo: sig,
+            code: si.code,
+            errno: si.errno,
+            ip: regs.rip,
+        })?;
+        self.resume(tid, sig)
+    }
+
+    fn on_exit(&mut self, tid: Tid, how: ExitKind) -> Result<(), RecordError> {
+        if self.root == Some(tid) {
+            self.summary.root_exit = Some(how);
+        }
+        match self.threads.remove(&tid) {
+            Some(t) => {
+                if matches!(t.state, State::Attaching) {
+                    self.attaching = self.attaching.saturating_sub(1);
+                    self.deferred.retain(|(d, _)| *d != tid);
+                    self.emit(Event::ThreadExited { tid, how })?;
+                    return self.maybe_finish_attach();
+                }
+                self.deferred.retain(|(d, _)| *d != tid);
+                self.emit(Event::ThreadExited { tid, how })
+            }
+            None => {
+                if self.held.remove(&tid).is_some() {
+                    self.early_exits.insert(tid, how);
+                }
+                // Otherwise: a thread exec already accounted for, or not ours.
+                Ok(())
+            }
+        }
+    }
+
+    /// Patches the vDSO of process `tgid` (through thread `tid`). Failures are reported as
+    /// [`Event::Unrecordable`]: the process then reads clocks unrecorded.
+    fn patch_vdso(&mut self, tgid: Tid, tid: Tid, avoid: &[u64]) -> Result<(), RecordError> {
+        match self.try_patch_vdso(tgid, tid, avoid) {
+            Ok(Some((event, skipped))) => {
+                self.emit(event)?;
+                for name in skipped {
+                    self.emit(Event::Unrecordable {
+                        tid,
+                        what: format!(
+                            "vDSO entry {name} not patched (a thread was stopped inside it): \
+                             its calls in this process are not recorded"
+                        ),
+                    })?;
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                tracing::warn!(tgid, "vDSO not patched: {e}");
+                self.emit(Event::Unrecordable {
+                    tid,
+                    what: format!("vDSO not patched, its clock reads are not recorded: {e}"),
+                })
+            }
+        }
+    }
+
+    fn try_patch_vdso(
+        &mut self,
+        tgid: Tid,
+        tid: Tid,
+        avoid: &[u64],
+    ) -> io::Result<Option<(Event, Vec<String>)>> {
+        let maps = self.tracer.maps(tgid)?;
+        let Some((start, end)) = vdso::find_mapping(&maps) else {
+            return Ok(None);
+        };
+        let len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+        let image = self.tracer.read_mem(tid, start, len)?;
+        let symbols =
+            vdso::symbols(&image).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let (mut patches, too_small) = vdso::plan(&symbols);
+        let mut skipped = Vec::new();
+        patches.retain(|p| {
+            let at = start + p.offset;
+            let hit = avoid
+                .iter()
+                .any(|&ip| ip >= at && ip < at + p.bytes.len() as u64);
+            if hit {
+                skipped.push(p.names.join("/"));
+            }
+            !hit
+        });
+        for s in &too_small {
+            tracing::warn!(tgid, symbol = %s.name, size = s.size, "vDSO entry too small to patch");
+        }
+        for p in &patches {
+            self.tracer.write_mem(tid, start + p.offset, &p.bytes)?;
+        }
+        if let Some(p) = patches.iter().find(|p| p.syscall.is_some()) {
+            // The stub's `syscall` instruction, 5 bytes in.
+            self.syscall_insn.insert(tgid, start + p.offset + 5);
+        }
+        let event = Event::VdsoPatched {
+            tgid,
+            base: start,
+            symbols: patches.iter().map(|p| p.to_event(start)).collect(),
+        };
+        Ok(Some((event, skipped)))
+    }
+
+    /// Starts injecting `prctl(PR_SET_TSC, PR_TSC_SIGSEGV)` into `tid`, stopped at a
+    /// syscall-exit stop. Returns false (and reports) when it cannot.
+    fn start_tsc_injection(&mut self, tid: Tid) -> Result<bool, RecordError> {
+        let tgid = self.threads.get(&tid).map(|t| t.tgid).unwrap_or(tid);
+        let Some(&insn) = self.syscall_insn.get(&tgid) else {
+            self.emit(Event::Unrecordable {
+                tid,
+                what: "rdtsc not trapped: no syscall instruction to inject through (vDSO not \
+                       patched)"
+                    .into(),
+            })?;
+            return Ok(false);
+        };
+        let saved = match self.tracer.regs(tid) {
+            Ok(r) => r,
+            Err(e) if is_gone(&e) => return Ok(true),
+            Err(err) => {
+                return Err(RecordError::Trace {
+                    what: "PTRACE_GETREGS",
+                    tid,
+                    err,
+                })
+            }
+        };
+        let mut regs = saved;
+        regs.rax = u64::from(syscalls::nr::PRCTL);
+        regs.orig_rax = u64::MAX;
+        regs.rdi = PR_SET_TSC;
+        regs.rsi = PR_TSC_SIGSEGV;
+        regs.rdx = 0;
+        regs.r10 = 0;
+        regs.r8 = 0;
+        regs.rip = insn;
+        if let Err(err) = self.tracer.set_regs(tid, &regs) {
+            if is_gone(&err) {
+                return Ok(true);
+            }
+            return Err(RecordError::Trace {
+                what: "PTRACE_SETREGS",
+                tid,
+                err,
+            });
+        }
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.state = State::Injecting {
+                saved: Box::new(saved),
+                phase: InjectPhase::Entry,
+                nr: u64::from(syscalls::nr::PRCTL),
+            };
+        }
+        self.resume_as(tid, Resume::Syscall, 0)?;
+        Ok(true)
+    }
+
+    fn continue_injection(
+        &mut self,
+        tid: Tid,
+        saved: Box<Regs>,
+        phase: InjectPhase,
+        nr: u64,
+    ) -> Result<(), RecordError> {
+        match phase {
+            InjectPhase::Entry => {
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.state = State::Injecting {
+                        saved,
+                        phase: InjectPhase::Exit,
+                        nr,
+                    };
+                }
+                self.resume_as(tid, Resume::Syscall, 0)
+            }
+            InjectPhase::Exit => {
+                let ret = self.tracer.regs(tid).map(|r| r.rax as i64);
+                match ret {
+                    Ok(0) => tracing::debug!(tid, "PR_SET_TSC injected"),
+                    Ok(r) => {
+                        self.emit(Event::Unrecordable {
+                            tid,
+                            what: format!("rdtsc not trapped: injected prctl returned {r}"),
+                        })?;
+                    }
+                    Err(e) if is_gone(&e) => return Ok(()),
+                    Err(err) => {
+                        return Err(RecordError::Trace {
+                            what: "PTRACE_GETREGS",
+                            tid,
+                            err,
+                        })
+                    }
+                }
+                if let Err(err) = self.tracer.set_regs(tid, &saved) {
+                    if is_gone(&err) {
+                        return Ok(());
+                    }
+                    return Err(RecordError::Trace {
+                        what: "PTRACE_SETREGS",
+                        tid,
+                        err,
+                    });
+                }
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.state = State::Running;
+                    t.last = now_ns();
+                }
+                self.resume_as(tid, Resume::Cont, 0)
+            }
+        }
+    }
+
+    /// If `tid` faulted on `rdtsc`/`rdtscp`, performs it for the tracee and returns the event.
+    fn emulate_rdtsc(&mut self, tid: Tid, mut regs: Regs) -> Result<Option<Event>, RecordError> {
+        let code = match self.tracer.read_mem(tid, regs.rip, 3) {
+            Ok(c) => c,
+            Err(_) => return Ok(None),
+        };
+        let (len, rdtscp) = match code.as_slice() {
+            [0x0f, 0x31, ..] => (2, false),
+            [0x0f, 0x01, 0xf9] => (3, true),
+            _ => return Ok(None),
+        };
+        let (value, aux) = read_tsc(rdtscp);
+        regs.rax = value & 0xffff_ffff;
+        regs.rdx = value >> 32;
+        if let Some(aux) = aux {
+            regs.rcx = u64::from(aux);
+        }
+        let ip = regs.rip;
+        regs.rip = regs.rip.wrapping_add(len);
+        if let Err(err) = self.tracer.set_regs(tid, &regs) {
+            if is_gone(&err) {
+                return Ok(None);
+            }
+            return Err(RecordError::Trace {
+                what: "PTRACE_SETREGS",
+                tid,
+                err,
+            });
+        }
+        Ok(Some(Event::Rdtsc {
+            tid,
+            ip,
+            value,
+            aux,
+        }))
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, through the syscall: the vDSO would execute `rdtsc`, which
+/// faults while the recorder runs with `PR_TSC_SIGSEGV` (see [`Recorder::run`]).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the duration of the call.
+    unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+fn set_tsc(mode: libc::c_int) -> bool {
+    // SAFETY: prctl with integer arguments; affects only the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_TSC, mode, 0, 0, 0) == 0 }
+}
+
+fn get_tsc_mode() -> Option<libc::c_int> {
+    let mut mode: libc::c_int = 0;
+    // SAFETY: `mode` is a valid out-pointer.
+    let rc = unsafe { libc::prctl(libc::PR_GET_TSC, &mut mode as *mut libc::c_int, 0, 0, 0) };
+    (rc == 0).then_some(mode)
+}
+
+/// Makes the calling thread run with `PR_TSC_SIGSEGV` until dropped.
+struct SelfNoTsc {
+    was: Option<libc::c_int>,
+}
+
+impl SelfNoTsc {
+    fn set() -> SelfNoTsc {
+        let was = get_tsc_mode();
+        if !set_tsc(libc::PR_TSC_SIGSEGV) {
+            tracing::debug!("PR_SET_TSC on the recorder thread failed");
+        }
+        SelfNoTsc { was }
+    }
+}
+
+impl Drop for SelfNoTsc {
+    fn drop(&mut self) {
+        set_tsc(self.was.unwrap_or(libc::PR_TSC_ENABLE));
+    }
+}
+
+/// The recorder's own TSC, for an emulated `rdtsc`; lifts the calling thread's
+/// `PR_TSC_SIGSEGV` for the instant of the read if it is set.
+fn read_tsc(rdtscp: bool) -> (u64, Option<u32>) {
+    let mode = get_tsc_mode();
+    let lifted = mode == Some(libc::PR_TSC_SIGSEGV) && set_tsc(libc::PR_TSC_ENABLE);
+    let out = read_tsc_raw(rdtscp);
+    if lifted {
+        set_tsc(libc::PR_TSC_SIGSEGV);
+    }
+    out
+}
+
+fn read_tsc_raw(rdtscp: bool) -> (u64, Option<u32>) {
+    if rdtscp {
+        let mut aux = 0u32;
+        // SAFETY: rdtscp has no memory effects besides writing `aux`, a valid local.
+        let v = unsafe { core::arch::x86_64::__rdtscp(&mut aux) };
+        (v, Some(aux))
+    } else {
+        // SAFETY: rdtsc has no memory effects.
+        (unsafe { core::arch::x86_64::_rdtsc() }, None)
+    }
+}
+
+/// Checks the invariants a recorded event stream must satisfy (used by the tests, and a start
+/// for the verifier): every thread's events come after its creation or attach and before its
+/// exit, and nothing follows an exit. Returns the first violation.
+pub fn check_order(events: &[Event]) -> Result<(), String> {
+    let mut alive: BTreeMap<Tid, bool> = BTreeMap::new();
+    for (i, ev) in events.iter().enumerate() {
+        match ev {
+            Event::Attached { tid, .. } => {
+                alive.insert(*tid, true);
+            }
+            Event::ThreadCreated { parent, child, .. } => {
+                if alive.get(parent) != Some(&true) {
+                    return Err(format!("event {i}: creator {parent} not alive"));
+                }
+                alive.insert(*child, true);
+            }
+            Event::Exec {
+                tid, former_tid, ..
+            } => {
+                if alive.get(former_tid) != Some(&true) {
+                    return Err(format!("event {i}: exec by unknown thread {former_tid}"));
+                }
+                alive.remove(former_tid);
+                alive.insert(*tid, true);
+            }
+            Event::ThreadExited { tid, .. } => {
+                if alive.insert(*tid, false) != Some(true) {
+                    return Err(format!("event {i}: exit of thread {tid} not alive"));
+                }
+            }
+            Event::VdsoPatched { .. } => {}
+            other => {
+                let tid = other.tid();
+                if alive.get(&tid) != Some(&true) {
+                    return Err(format!("event {i}: {other:?} from thread {tid} not alive"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies of memory writes are large; tests look them up by address.
+pub fn writes_concat(writes: &[MemWrite]) -> Vec<u8> {
+    writes.iter().flat_map(|w| w.data.iter().copied()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::VecSink;
+    use crate::ptrace::{SigInfo, SyscallInfo};
+    use std::collections::VecDeque;
+
+    /// A scripted tracer: `wait` replays `stops`; every other call answers from queues and is
+    /// logged.
+    #[derive(Default)]
+    struct Fake {
+        stops: VecDeque<(Tid, i32)>,
+        infos: VecDeque<SyscallInfo>,
+        msgs: VecDeque<u64>,
+        mem: HashMap<u64, Vec<u8>>,
+        resumed: Vec<(Tid, Resume, i32)>,
+        tgids: HashMap<Tid, Tid>,
+    }
+
+    fn stopped(sig: i32, event: u32) -> i32 {
+        ((event as i32) << 16) | (sig << 8) | 0x7f
+    }
+
+    impl Tracer for Fake {
+        fn wait(&mut self) -> io::Result<Option<(Tid, i32)>> {
+            Ok(self.stops.pop_front())
+        }
+        fn seize(&mut self, _: Tid, _: u32) -> io::Result<()> {
+            Ok(())
+        }
+        fn interrupt(&mut self, _: Tid) -> io::Result<()> {
+            Ok(())
+        }
+        fn resume(&mut self, tid: Tid, how: Resume, sig: i32) -> io::Result<()> {
+            self.resumed.push((tid, how, sig));
+            Ok(())
+        }
+        fn syscall_info(&mut self, _: Tid) -> io::Result<SyscallInfo> {
+            self.infos
+                .pop_front()
+                .ok_or_else(|| io::Error::other("no info scripted"))
+        }
+        fn event_msg(&mut self, _: Tid) -> io::Result<u64> {
+            self.msgs
+                .pop_front()
+                .ok_or_else(|| io::Error::other("no msg scripted"))
+        }
+        fn siginfo(&mut self, _: Tid) -> io::Result<SigInfo> {
+            Ok(SigInfo {
+                signo: libc::SIGUSR1,
+                code: 0,
+                errno: 0,
+            })
+        }
+        fn regs(&mut self, _: Tid) -> io::Result<Regs> {
+            // SAFETY: plain old data.
+            Ok(unsafe { std::mem::zeroed() })
+        }
+        fn set_regs(&mut self, _: Tid, _: &Regs) -> io::Result<()> {
+            Ok(())
+        }
+        fn read_mem(&mut self, _: Tid, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+            let mut d = self.mem.get(&addr).cloned().unwrap_or_default();
+            d.truncate(len);
+            Ok(d)
+        }
+        fn write_mem(&mut self, _: Tid, _: u64, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn kill(&mut self, _: Tid, _: i32) -> io::Result<()> {
+            Ok(())
+        }
+        fn status(&mut self, tid: Tid) -> io::Result<crate::procfs::Status> {
+            Ok(crate::procfs::Status {
+                tgid: self.tgids.get(&tid).copied().unwrap_or(tid),
+                ns_tid: Some(tid - 99),
+                stopped: false,
+            })
+        }
+        fn task_ids(&mut self, pid: Tid) -> io::Result<Vec<Tid>> {
+            Ok(vec![pid])
+        }
+        fn maps(&mut self, _: Tid) -> io::Result<String> {
+            Ok(String::new())
+        }
+        fn exe(&mut self, _: Tid) -> Option<String> {
+            None
+        }
+    }
+
+    fn seccomp(nr: u64, args: [u64; 6]) -> SyscallInfo {
+        SyscallInfo {
+            op: ptrace::INFO_SECCOMP,
+            arch: AUDIT_ARCH_X86_64,
+            ip: 0,
+            nr,
+            args,
+            rval: 0,
+            ret_data: 0,
+        }
+    }
+
+    fn exit(rval: i64) -> SyscallInfo {
+        SyscallInfo {
+            op: ptrace::INFO_EXIT,
+            arch: AUDIT_ARCH_X86_64,
+            ip: 0,
+            nr: 0,
+            args: [0; 6],
+            rval,
+            ret_data: 0,
+        }
+    }
+
+    #[test]
+    fn a_new_thread_is_held_until_its_creation_is_recorded() {
+        let mut f = Fake::default();
+        f.stops.extend([
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_STOP)),
+            // The child's first stop is reported before its creator's clone event.
+            (101, stopped(libc::SIGTRAP, ptrace::EVENT_STOP)),
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_CLONE)),
+            (101, stopped(libc::SIGTRAP, ptrace::EVENT_SECCOMP)),
+            (101, stopped(libc::SIGTRAP | 0x80, 0)),
+            (101, 0),
+            (100, 3 << 8),
+        ]);
+        f.msgs.push_back(101);
+        f.tgids.insert(101, 100);
+        f.infos
+            .extend([seccomp(318, [0x1000, 4, 0, 0, 0, 0]), exit(4)]);
+        f.mem.insert(0x1000, vec![1, 2, 3, 4, 5]);
+        let opts = Options {
+            patch_vdso: true,
+            trap_rdtsc: false,
+        };
+        let mut rec = Recorder::new(f, VecSink::default(), opts);
+        rec.attach(100).expect("attach");
+        let summary = rec.run().expect("run");
+        assert_eq!(summary.root_exit, Some(ExitKind::Exited(3)));
+        let resumed = rec.tracer.resumed.clone();
+        let events = rec.into_sink().events;
+        check_order(&events).expect("order");
+        assert_eq!(
+            events,
+            vec![
+                Event::Attached {
+                    tid: 100,
+                    tgid: 100,
+                    ns_tid: Some(1)
+                },
+                Event::ThreadCreated {
+                    parent: 100,
+                    child: 101,
+                    child_tgid: 100,
+                    kind: CreateKind::Thread,
+                    ns_tid: Some(2),
+                },
+                Event::Syscall(SyscallRecord {
+                    tid: 101,
+                    nr: 318,
+                    args: [0x1000, 4, 0, 0, 0, 0],
+                    ret: Some(4),
+                    gap_ns: match &events[2] {
+                        Event::Syscall(s) => s.gap_ns,
+                        _ => 0,
+                    },
+                    writes: vec![MemWrite {
+                        addr: 0x1000,
+                        data: vec![1, 2, 3, 4]
+                    }],
+                    incomplete: false,
+                }),
+                Event::ThreadExited {
+                    tid: 101,
+                    how: ExitKind::Exited(0)
+                },
+                Event::ThreadExited {
+                    tid: 100,
+                    how: ExitKind::Exited(3)
+                },
+            ]
+        );
+        // The child ran only after its creation was recorded; the syscall ran to its exit stop.
+        assert_eq!(
+            resumed,
+            vec![
+                (100, Resume::Cont, 0),
+                (101, Resume::Cont, 0),
+                (100, Resume::Cont, 0),
+                (101, Resume::Syscall, 0),
+                (101, Resume::Cont, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn signals_are_recorded_and_delivered_and_group_stops_listened() {
+        let mut f = Fake::default();
+        f.stops.extend([
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_STOP)),
+            (100, stopped(libc::SIGUSR1, 0)),
+            (100, stopped(libc::SIGSTOP, ptrace::EVENT_STOP)),
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_STOP)),
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_SECCOMP)),
+            (100, libc::SIGKILL),
+        ]);
+        f.infos.push_back(seccomp(231, [5, 0, 0, 0, 0, 0]));
+        let mut rec = Recorder::new(f, VecSink::default(), Options::default());
+        rec.attach(100).expect("attach");
+        rec.run().expect("run");
+        let resumed = rec.tracer.resumed.clone();
+        let events = rec.into_sink().events;
+        assert!(matches!(
+            events[1],
+            Event::Signal {
+                tid: 100,
+                signo: libc::SIGUSR1,
+                ..
+            }
+        ));
+        assert!(matches!(&events[2], Event::Syscall(s) if s.nr == 231 && s.ret.is_none()));
+        assert_eq!(
+            events[3],
+            Event::ThreadExited {
+                tid: 100,
+                how: ExitKind::Killed(libc::SIGKILL)
+            }
+        );
+        assert_eq!(
+            resumed,
+            vec![
+                (100, Resume::Cont, 0),
+                (100, Resume::Cont, libc::SIGUSR1),
+                (100, Resume::Listen, 0),
+                (100, Resume::Cont, 0),
+                (100, Resume::Cont, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn order_checker_catches_events_of_unknown_threads() {
+        let ev = vec![Event::Signal {
+            tid: 5,
+            signo: 10,
+            code: 0,
+            errno: 0,
+            ip: 0,
+        }];
+        assert!(check_order(&ev).is_err());
+        let ev = vec![
+            Event::Attached {
+                tid: 5,
+                tgid: 5,
+                ns_tid: None,
+            },
+            Event::ThreadExited {
+                tid: 5,
+                how: ExitKind::Exited(0),
+            },
+            Event::Signal {
+                tid: 5,
+                signo: 10,
+                code: 0,
+                errno: 0,
+                ip: 0,
+            },
+        ];
+        assert!(check_order(&ev).is_err());
+    }
+}

@@ -1,0 +1,487 @@
+//! End-to-end tests: real programs (`testprogs/rrctest.c`, compiled with `cc` at test time, and
+//! the host's shell and coreutils) recorded through the `--exec` launcher. Root, no containers.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::event::{CreateKind, Event, ExitKind, SyscallRecord, VecSink};
+use crate::launch::{record_command, Command};
+use crate::recorder::{check_order, writes_concat, Options, Summary};
+
+const SRC: &str = include_str!("../testprogs/rrctest.c");
+
+/// The test program, compiled once per source version (kept in the temp dir between runs).
+fn prog() -> &'static Path {
+    static PROG: OnceLock<PathBuf> = OnceLock::new();
+    PROG.get_or_init(|| {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in SRC.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        let dir = std::env::temp_dir().join("rrc-recorder-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let out = dir.join(format!("rrctest-{h:016x}"));
+        if out.exists() {
+            return out;
+        }
+        let tmp = dir.join(format!("rrctest-{h:016x}.{}", std::process::id()));
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/testprogs/rrctest.c");
+        let st = std::process::Command::new("cc")
+            .args(["-O1", "-pthread", "-o"])
+            .arg(&tmp)
+            .arg(src)
+            .status()
+            .expect("cc (build-essential) is needed to build the recorder's test program");
+        assert!(st.success(), "cc failed on {src}");
+        std::fs::rename(&tmp, &out).expect("rename");
+        out
+    })
+}
+
+struct Run {
+    events: Vec<Event>,
+    summary: Summary,
+    raw_stdout: Vec<u8>,
+    stdout: String,
+}
+
+impl Run {
+    fn syscalls(&self, name: &str) -> Vec<&SyscallRecord> {
+        let nr = crate::syscalls::by_name(name).expect("traced name").nr;
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Syscall(s) if s.nr == u64::from(nr) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn created(&self, kind: CreateKind) -> Vec<i32> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ThreadCreated { child, kind: k, .. } if *k == kind => Some(*child),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn capture_file() -> (File, OwnedFd) {
+    let f = tempfile::tempfile().expect("tempfile");
+    let fd = OwnedFd::from(f.try_clone().expect("dup"));
+    (f, fd)
+}
+
+fn read_back(mut f: File) -> Vec<u8> {
+    let mut s = Vec::new();
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    f.read_to_end(&mut s).expect("read stdout");
+    s
+}
+
+fn record(cmd: Command, opts: Options) -> Run {
+    let (f, fd) = capture_file();
+    let (summary, sink) =
+        record_command(&cmd.stdout(fd), VecSink::default(), opts).expect("recording");
+    let raw_stdout = read_back(f);
+    let run = Run {
+        events: sink.events,
+        summary,
+        stdout: String::from_utf8_lossy(&raw_stdout).into_owned(),
+        raw_stdout,
+    };
+    if let Err(e) = check_order(&run.events) {
+        panic!("order: {e}\n{:#?}", run.events);
+    }
+    run
+}
+
+fn record_prog(args: &[&str]) -> Run {
+    record(Command::new(prog()).args(args), Options::default())
+}
+
+fn hex(b: &[u8]) -> String {
+    crate::event::to_hex(b)
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u32 = 12345;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn read_records_the_file_contents() {
+    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+    let content = pattern(10_000);
+    f.write_all(&content).expect("write");
+    let path = f.path().to_str().expect("utf8 path");
+    let run = record_prog(&["read", path, "4096"]);
+    assert_eq!(run.summary.root_exit, Some(ExitKind::Exited(0)));
+    assert_eq!(run.raw_stdout, content, "output unchanged");
+    let reads: Vec<&SyscallRecord> = run
+        .syscalls("read")
+        .into_iter()
+        .filter(|s| s.args[0] == 100)
+        .collect();
+    assert_eq!(
+        reads.iter().map(|s| s.ret).collect::<Vec<_>>(),
+        vec![Some(4096), Some(4096), Some(1808), Some(0)]
+    );
+    let recorded: Vec<u8> = reads
+        .iter()
+        .flat_map(|s| writes_concat(&s.writes))
+        .collect();
+    assert_eq!(recorded, content, "recorded bytes are the file's");
+    assert!(reads
+        .iter()
+        .all(|s| !s.incomplete && s.writes.iter().all(|w| w.addr == s.args[1])));
+}
+
+#[test]
+fn getrandom_bytes_are_what_the_program_printed() {
+    let run = record_prog(&["getrandom", "32"]);
+    let printed = run.stdout.trim();
+    assert_eq!(printed.len(), 64);
+    let rec = run.syscalls("getrandom");
+    let hit = rec
+        .iter()
+        .find(|s| s.args[1] == 32)
+        .expect("getrandom(32) recorded");
+    assert_eq!(hit.ret, Some(32));
+    assert_eq!(hex(&writes_concat(&hit.writes)), printed);
+}
+
+fn timespecs(run: &Run, clk: u64) -> Vec<(i64, i64)> {
+    run.syscalls("clock_gettime")
+        .into_iter()
+        .filter(|s| s.args[0] == clk && s.ret == Some(0))
+        .map(|s| {
+            let d = writes_concat(&s.writes);
+            assert_eq!(d.len(), 16);
+            let sec = i64::from_ne_bytes(d[..8].try_into().expect("8 bytes"));
+            let nsec = i64::from_ne_bytes(d[8..].try_into().expect("8 bytes"));
+            (sec, nsec)
+        })
+        .collect()
+}
+
+#[test]
+fn vdso_clock_reads_are_recorded() {
+    let run = record_prog(&["clock", "5"]);
+    let patched: Vec<&Event> = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::VdsoPatched { .. }))
+        .collect();
+    assert!(patched.len() >= 2, "patched at attach and at exec");
+    if let Some(Event::VdsoPatched { symbols, .. }) = patched.last() {
+        let names: Vec<&str> = symbols
+            .iter()
+            .flat_map(|s| s.names.iter().map(String::as_str))
+            .collect();
+        for want in ["__vdso_clock_gettime", "__vdso_gettimeofday", "__vdso_time"] {
+            assert!(names.contains(&want), "{want} patched: {names:?}");
+        }
+    }
+    let mut lines = run.stdout.lines();
+    let printed: Vec<(i64, i64)> = lines
+        .by_ref()
+        .take(5)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').expect("sec nsec");
+            (a.parse().expect("sec"), b.parse().expect("nsec"))
+        })
+        .collect();
+    let recorded = timespecs(&run, libc::CLOCK_MONOTONIC as u64);
+    assert!(
+        recorded.windows(5).any(|w| w == printed.as_slice()),
+        "printed {printed:?} not among recorded {recorded:?}"
+    );
+    // gettimeofday and time, also through the vDSO.
+    let tv_line = lines.next().expect("tv line");
+    let tv = run.syscalls("gettimeofday");
+    let last = tv.last().expect("gettimeofday recorded");
+    let d = writes_concat(&last.writes);
+    let sec = i64::from_ne_bytes(d[..8].try_into().expect("8 bytes"));
+    let usec = i64::from_ne_bytes(d[8..16].try_into().expect("8 bytes"));
+    assert_eq!(tv_line, format!("tv {sec} {usec}"));
+    let time_line = lines.next().expect("time line");
+    let t = run.syscalls("time");
+    assert_eq!(
+        time_line,
+        format!(
+            "time {}",
+            t.last().and_then(|s| s.ret).expect("time recorded")
+        )
+    );
+}
+
+#[test]
+fn forked_child_is_followed() {
+    let run = record_prog(&["fork"]);
+    let children = run.created(CreateKind::Process);
+    assert_eq!(children.len(), 1, "{:#?}", run.events);
+    let child = children[0];
+    let mut lines = run.stdout.lines();
+    let child_hex = lines.next().expect("child's line");
+    assert_eq!(lines.next(), Some("child exited 7"));
+    let rnd = run
+        .syscalls("getrandom")
+        .into_iter()
+        .find(|s| s.tid == child && s.args[1] == 8)
+        .expect("child's getrandom recorded");
+    assert_eq!(hex(&writes_concat(&rnd.writes)), child_hex);
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::ThreadExited { tid, how: ExitKind::Exited(7) } if *tid == child
+    )));
+    // The parent's wait4 recorded the child's status word.
+    let w = run
+        .syscalls("wait4")
+        .into_iter()
+        .find(|s| s.ret == Some(i64::from(child)))
+        .expect("wait4 recorded");
+    let status = writes_concat(&w.writes);
+    assert_eq!(status[..4], (7i32 << 8).to_ne_bytes());
+    assert_eq!(run.summary.root_exit, Some(ExitKind::Exited(0)));
+}
+
+#[test]
+fn both_threads_are_recorded() {
+    let run = record_prog(&["threads"]);
+    let threads = run.created(CreateKind::Thread);
+    assert_eq!(threads.len(), 2, "{:#?}", run.events);
+    let printed: HashSet<&str> = run.stdout.lines().collect();
+    for t in &threads {
+        let rnd = run
+            .syscalls("getrandom")
+            .into_iter()
+            .find(|s| s.tid == *t)
+            .expect("thread's getrandom");
+        assert!(printed.contains(hex(&writes_concat(&rnd.writes)).as_str()));
+        let zero = run
+            .syscalls("read")
+            .into_iter()
+            .find(|s| s.tid == *t && s.ret == Some(3))
+            .expect("thread's read of /dev/zero");
+        assert_eq!(writes_concat(&zero.writes), vec![0, 0, 0]);
+        assert!(run
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ThreadExited { tid, .. } if tid == t)));
+    }
+}
+
+#[test]
+fn exec_is_followed_and_the_new_vdso_patched() {
+    let p = prog().to_str().expect("utf8");
+    let run = record_prog(&["exec", p, "clock", "2"]);
+    let execs: Vec<usize> = run
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Event::Exec { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(execs.len(), 2, "the launcher's exec and the program's");
+    let after = &run.events[execs[1]..];
+    assert!(matches!(after.get(1), Some(Event::VdsoPatched { .. })));
+    let clocks = after
+        .iter()
+        .filter(|e| matches!(e, Event::Syscall(s) if s.nr == 228))
+        .count();
+    assert!(clocks >= 2, "clock_gettime recorded after the second exec");
+    assert_eq!(run.stdout.lines().count(), 4);
+}
+
+#[test]
+fn rdtsc_is_emulated_and_recorded() {
+    let run = record_prog(&["rdtsc", "3"]);
+    let all: Vec<(u64, Option<u32>)> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Rdtsc { value, aux, .. } => Some((*value, *aux)),
+            _ => None,
+        })
+        .collect();
+    // ld.so reads the TSC too (startup timing): the program's own are the last four.
+    assert!(all.len() >= 4, "{all:?}");
+    let rd = &all[all.len() - 4..];
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 4);
+    let want: Vec<String> = rd.iter().map(|(v, _)| v.to_string()).collect();
+    assert_eq!(want.len(), 4, "three rdtsc and one rdtscp: {rd:?}");
+    assert_eq!(&lines[..3], &want[..3]);
+    let (v, aux) = rd[3];
+    assert_eq!(lines[3], format!("p {v} {}", aux.expect("rdtscp aux")));
+    assert!(rd[..3].iter().all(|(_, a)| a.is_none()));
+    assert!(all.windows(2).all(|w| w[0].0 <= w[1].0), "monotonic");
+}
+
+#[test]
+fn signals_are_recorded_with_the_handler_end() {
+    let run = record_prog(&["signal"]);
+    assert_eq!(run.stdout.trim(), format!("got {}", libc::SIGUSR1));
+    let i = run
+        .events
+        .iter()
+        .position(|e| matches!(e, Event::Signal { signo, .. } if *signo == libc::SIGUSR1))
+        .expect("SIGUSR1 recorded");
+    assert!(run.events[i..]
+        .iter()
+        .any(|e| matches!(e, Event::Syscall(s) if s.nr == 15)));
+}
+
+#[test]
+fn shell_pipeline_output_is_unchanged_by_recording() {
+    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+    f.write_all(&pattern(300)).expect("write");
+    let script = format!(
+        "for i in 1 2 3; do echo line $i; done | cat; head -c 64 {} | od -An -tx1; date +%Y >/dev/null; exit 3",
+        f.path().display()
+    );
+    let plain = std::process::Command::new("/bin/sh")
+        .args(["-c", &script])
+        .output()
+        .expect("sh");
+    let run = record(
+        Command::new("/bin/sh").args(["-c", &script]),
+        Options::default(),
+    );
+    assert_eq!(run.raw_stdout, plain.stdout);
+    assert_eq!(plain.status.code(), Some(3));
+    assert_eq!(run.summary.root_exit, Some(ExitKind::Exited(3)));
+    assert!(run.created(CreateKind::Process).len() >= 3);
+}
+
+#[test]
+fn futex_wakes_precede_the_waits_they_end() {
+    let run = record_prog(&["mutex", "2000"]);
+    assert_eq!(run.stdout.trim(), "4000");
+    assert_eq!(run.syscalls("sched_yield").len(), 250);
+    const WAIT: u64 = 0;
+    const WAKE: u64 = 1;
+    let mut woken = 0;
+    for (i, e) in run.events.iter().enumerate() {
+        let Event::Syscall(s) = e else { continue };
+        if s.nr != 202 || s.args[1] & 0x7f != WAIT || s.ret != Some(0) {
+            continue;
+        }
+        woken += 1;
+        let found = run.events[..i].iter().any(|p| {
+            matches!(p, Event::SyscallEntry { tid, nr: 202, args, .. }
+                if *tid != s.tid && args[0] == s.args[0] && args[1] & 0x7f == WAKE)
+        });
+        assert!(found, "wait at event {i} has no earlier wake");
+    }
+    assert!(woken > 0, "the mutex was never contended");
+}
+
+#[test]
+fn attach_to_a_running_multithreaded_process() {
+    let mut child = std::process::Command::new(prog())
+        .args(["spin", "400"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let pid = child.id() as i32;
+    // Attach once all four threads run (they spin for 400 ms).
+    for _ in 0..200 {
+        if crate::procfs::task_ids(pid).map(|t| t.len()).unwrap_or(0) == 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut rec = crate::Recorder::new(
+        crate::ptrace::Ptrace,
+        VecSink::default(),
+        Options::default(),
+    );
+    rec.attach(pid).expect("attach");
+    let summary = rec.run().expect("run");
+    let events = rec.into_sink().events;
+    check_order(&events).expect("order");
+    let attached = events
+        .iter()
+        .filter(|e| matches!(e, Event::Attached { .. }))
+        .count();
+    let created = events
+        .iter()
+        .filter(|e| matches!(e, Event::ThreadCreated { .. }))
+        .count();
+    assert_eq!(attached + created, 4, "{events:#?}");
+    assert!(attached >= 1);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::VdsoPatched { .. })));
+    let exits = events
+        .iter()
+        .filter(|e| matches!(e, Event::ThreadExited { .. }))
+        .count();
+    assert_eq!(exits, 4);
+    assert_eq!(summary.root_exit, Some(ExitKind::Exited(0)));
+    let mut s = String::new();
+    out.read_to_string(&mut s).expect("read");
+    assert_eq!(s, "spun\n");
+    // The kernel reported the exit to us (tracer and parent): nothing left to reap.
+    drop(child);
+}
+
+fn prog_ns(args: &[&str]) -> f64 {
+    let out = std::process::Command::new(prog())
+        .args(args)
+        .output()
+        .expect("run");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("ns")
+}
+
+/// Measures a recorded 1-byte read against an untraced one and against a minimal C tracer doing
+/// the same ptrace work (the mechanism's floor), all in the same run. Prints the figures (run
+/// with `--nocapture`); README.md quotes them.
+#[test]
+fn cost_of_a_recorded_read() {
+    let n = "20000";
+    let base = prog_ns(&["readloop", n]);
+    let floor = prog_ns(&["mintrace", n, "0"]);
+    let floor_full = prog_ns(&["mintrace", n, "1"]);
+    let traced = |cpu: Option<usize>| -> f64 {
+        let mut cmd = Command::new(prog()).args(["readloop", n]);
+        if let Some(c) = cpu {
+            cmd = cmd.pin_cpu(c);
+        }
+        let run = record(cmd, Options::default());
+        assert!(run.syscalls("read").len() >= 20_000);
+        run.stdout.trim().parse().expect("ns")
+    };
+    let pinned = std::thread::spawn(move || traced(Some(0)))
+        .join()
+        .expect("thread");
+    let free = std::thread::spawn(move || traced(None))
+        .join()
+        .expect("thread");
+    eprintln!(
+        "1-byte read, ns: untraced {base:.0}; minimal C tracer (RET_TRACE + exit stop) \
+         {floor:.0}, same + GET_SYSCALL_INFO x2 + process_vm_readv {floor_full:.0}; \
+         rrc-recorder (debug build) pinned with its tracee {pinned:.0} ({:.2}x the C floor), \
+         unpinned {free:.0}",
+        pinned / floor_full
+    );
+    assert!(pinned > base && free > base && floor > base);
+}
