@@ -523,3 +523,144 @@ fn the_new_primary_pairs_with_a_new_backup_and_survives_a_second_failure() -> Re
     );
     pair.reset()
 }
+
+/// Speaks to the backup shim as a primary would (from the primary host's namespace, with
+/// `version` and the pair's key): connects, sends the control message `pair_msg` and the
+/// checkpoint `pieces`, and waits up to 5 s for the backup to acknowledge the last piece.
+/// Returns whether it did; an error if the connection was refused. With `goodbye` it then says
+/// goodbye, so the backup does not take over.
+fn play_primary(
+    pair: &Pair,
+    version: u16,
+    pair_msg: &str,
+    pieces: &[rrc_checkpoint::Piece],
+    goodbye: bool,
+) -> Result<bool> {
+    let key = fs::read(&pair.key)?;
+    let mut cfg = rrc_channel::Config::new(key, ID, rrc_channel::Role::Primary);
+    cfg.version = version;
+    let addr = format!("{}:7070", pair.host("backup").ip());
+    let netns = fs::File::open(pair.host("primary").netns_path())?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<bool> {
+            // This thread alone enters the primary host's namespace.
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let ch = rrc_channel::connect(&addr, cfg).await?;
+                ch.send(0, pair_msg.as_bytes()).await?;
+                let mut last = 0;
+                for p in pieces {
+                    last = ch.send(1, &p.encode()).await?;
+                }
+                let acked = tokio::time::timeout(Duration::from_secs(5), ch.wait_acked(last)).await;
+                if goodbye {
+                    let seq = ch.send(0, br#"{"type":"goodbye","reason":"test"}"#).await?;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ch.wait_acked(seq)).await;
+                }
+                Ok(matches!(acked, Ok(Ok(()))))
+            })
+        })
+        .join()
+        .map_err(|_| anyhow!("the primary's thread panicked"))?
+    })
+}
+
+#[test]
+fn a_backup_refuses_a_wrong_version_and_a_corrupt_checkpoint() -> Result<()> {
+    use rrc_checkpoint::Piece;
+    let Some((_serial, pair)) = bed()? else {
+        return Ok(());
+    };
+    let backup = pair.host("backup");
+    pair.start_backup()?;
+    wait_state(backup, &["standby"], Duration::from_secs(20))?;
+
+    let pair_msg = format!(
+        r#"{{"type":"pair","addresses":[{{"interface":"eth0","address":"{}","prefix":15}}],"epoch_ms":1000,"instance":7}}"#,
+        pair.host("svc").ip()
+    );
+    let pieces = |digest: [u8; 32]| {
+        [
+            Piece::Begin { epoch: 1, files: 1 },
+            Piece::File {
+                name: "pages-1.img".into(),
+                size: 3,
+            },
+            Piece::Chunk(b"abc".to_vec()),
+            Piece::End { epoch: 1, digest },
+        ]
+    };
+    // The digest the backup computes: name length, name, size, then the bytes (SHA-256).
+    let good = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(11u32.to_le_bytes());
+        h.update(b"pages-1.img");
+        h.update(3u64.to_le_bytes());
+        h.update(b"abc");
+        <[u8; 32]>::from(h.finalize())
+    };
+
+    // Another protocol version: refused, with the versions named.
+    let err = match play_primary(
+        &pair,
+        rrc_channel::PROTOCOL_VERSION + 1,
+        &pair_msg,
+        &pieces(good),
+        true,
+    ) {
+        Ok(_) => anyhow::bail!("the backup accepted another protocol version"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("version"),
+        "refusal does not name the version: {err}"
+    );
+
+    // The right version and key, but a checkpoint whose digest does not match its bytes.
+    let acked = play_primary(
+        &pair,
+        rrc_channel::PROTOCOL_VERSION,
+        &pair_msg,
+        &pieces([0u8; 32]),
+        false,
+    )?;
+    ensure!(!acked, "the backup acknowledged a corrupt checkpoint");
+    // Nothing was committed, so nothing is restored: the backup keeps waiting.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = status(backup)?;
+    ensure!(
+        st["state"] == "standby"
+            && st["checkpoints"] == 0
+            && st["failovers"] == serde_json::json!([]),
+        "the backup used a corrupt checkpoint or took over: {st}"
+    );
+    let log = fs::read_to_string(backup.containerd_log())?;
+    ensure!(
+        log.contains("version") && log.contains("refused a checkpoint"),
+        "the backup's log does not name the refusals"
+    );
+    // The same checkpoint with its true digest is acknowledged (the refusal above was the
+    // digest's doing); the fake primary then says goodbye, so the backup does not take over.
+    let acked = play_primary(
+        &pair,
+        rrc_channel::PROTOCOL_VERSION,
+        &pair_msg,
+        &pieces(good),
+        true,
+    )?;
+    ensure!(acked, "the backup did not acknowledge an intact checkpoint");
+    wait_state(backup, &["standby"], Duration::from_secs(10))?;
+    // And a real primary still pairs with it.
+    pair.start_primary()?;
+    wait_state(
+        pair.host("primary"),
+        &["protected"],
+        Duration::from_secs(30),
+    )?;
+    eprintln!("wrong version and corrupt checkpoint refused ({err}); a real primary then paired");
+    pair.reset()
+}
