@@ -36,6 +36,7 @@ lint:
 
 unit:
 	$(CARGO) test --workspace --lib --bins --locked
+	$(CARGO) test -p rrc-recorder --test cli --locked
 
 integration: build
 	RRC_REQUIRE_INTEGRATION=1 RRC_SHIM_BIN=$(SHIM_DEBUG) \

@@ -43,7 +43,13 @@ pub struct EntrySnapshot {
     /// `*args[len]` at entry for each `SockAddr` out; `None` when the pointer was null or
     /// unreadable.
     pub lens: Vec<Option<u32>>,
+    /// For `execve`/`execveat`: the program path the call names (without its NUL), read at
+    /// entry because the exec replaces the memory holding it; `None` if unreadable.
+    pub path: Option<Vec<u8>>,
 }
+
+/// The longest path read for an exec (`PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
 
 /// Reads what the syscall's exit will need to know about its arguments' state at entry.
 pub fn entry_snapshot(sc: &TracedSyscall, args: &[u64; 6], mem: &mut dyn MemRead) -> EntrySnapshot {
@@ -54,7 +60,35 @@ pub fn entry_snapshot(sc: &TracedSyscall, args: &[u64; 6], mem: &mut dyn MemRead
             lens.push(if ptr == 0 { None } else { read_u32(mem, ptr) });
         }
     }
-    EntrySnapshot { lens }
+    let path = match sc.nr {
+        crate::syscalls::nr::EXECVE => read_cstr(mem, arg(args, 0)),
+        crate::syscalls::nr::EXECVEAT => read_cstr(mem, arg(args, 1)),
+        _ => None,
+    };
+    EntrySnapshot { lens, path }
+}
+
+/// The NUL-terminated string at `addr` (at most [`MAX_PATH`] bytes, without the NUL); `None`
+/// for a null pointer, an unreadable one, or no NUL within the limit.
+pub fn read_cstr(mem: &mut dyn MemRead, addr: u64) -> Option<Vec<u8>> {
+    if addr == 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    while out.len() < MAX_PATH {
+        // Small pieces, so that a string near the end of a mapping is read up to its end.
+        let want = 256.min(MAX_PATH - out.len());
+        let chunk = mem.read(addr.wrapping_add(out.len() as u64), want).ok()?;
+        if let Some(i) = chunk.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&chunk[..i]);
+            return Some(out);
+        }
+        if chunk.is_empty() {
+            return None;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    None
 }
 
 /// The memory a completed syscall wrote.
@@ -130,16 +164,15 @@ impl Cap<'_> {
         }
     }
 
-    /// Records a `struct msghdr` at `msg` after a receive of `len` bytes.
+    /// Records a `struct msghdr` at `msg` after a receive of `len` bytes: the data, the
+    /// control data, the sender's address, then the header itself, the order in which the
+    /// kernel writes them (and the event log's rule: a receive's data comes first).
     fn msghdr(&mut self, msg: u64, len: u64) {
         let Some(h) = self.peek(msg, MSGHDR) else {
             return;
         };
-        self.out.writes.push(MemWrite {
-            addr: msg,
-            data: h.clone(),
-        });
         self.msghdr_parts(&h, len);
+        self.out.writes.push(MemWrite { addr: msg, data: h });
     }
 
     fn msghdr_parts(&mut self, h: &[u8], len: u64) {
@@ -149,9 +182,9 @@ impl Cap<'_> {
         let iovlen = u64_at(h, 24);
         let control = u64_at(h, 32);
         let controllen = u64_at(h, 40);
-        self.region(name, (namelen as usize).min(MAX_SOCKADDR));
         self.iovecs(iov, iovlen, len);
         self.region(control, (controllen as usize).min(MAX_OPT));
+        self.region(name, (namelen as usize).min(MAX_SOCKADDR));
     }
 }
 
@@ -230,14 +263,16 @@ pub fn capture(
                 let Some(raw) = cap.peek(vec, n * MMSGHDR) else {
                     continue;
                 };
-                cap.out.writes.push(MemWrite {
-                    addr: vec,
-                    data: raw.clone(),
-                });
+                // Each message's data, control data and address, then the headers (with
+                // their `msg_len`), as the kernel writes them.
                 for e in raw.chunks_exact(MMSGHDR) {
                     let len = u64::from(u32_at(e, MSGHDR));
                     cap.msghdr_parts(&e[..MSGHDR], len);
                 }
+                cap.out.writes.push(MemWrite {
+                    addr: vec,
+                    data: raw,
+                });
             }
             Out::Mmsghdr { .. } => {}
         }
@@ -397,6 +432,7 @@ mod tests {
         let args = [3, 0x600, 0x500, 0, 0, 0];
         let entry = EntrySnapshot {
             lens: vec![Some(8)],
+            path: None,
         };
         let c = capture(s, &args, &entry, 5, &mut m);
         assert_eq!(c.writes[0].data.len(), 8);
@@ -406,7 +442,7 @@ mod tests {
     }
 
     #[test]
-    fn recvmsg_records_header_name_data_and_control() {
+    fn recvmsg_records_data_control_name_then_header() {
         let mut m = Fake::default();
         let mut h = Vec::new();
         h.extend(0x700u64.to_ne_bytes()); // msg_name
@@ -430,14 +466,41 @@ mod tests {
         assert_eq!(
             addrs,
             vec![
-                (0x50, MSGHDR),
-                (0x700, 16),
                 (0x1000, 3),
                 (0x2000, 2),
-                (0x800, 24)
+                (0x800, 24),
+                (0x700, 16),
+                (0x50, MSGHDR),
             ]
         );
         assert!(!c.incomplete);
+    }
+
+    #[test]
+    fn exec_path_is_read_at_entry() {
+        let mut m = Fake::default();
+        let mut long = vec![b'a'; 300];
+        long.push(0);
+        m.put(0x1000, b"/bin/true\0garbage");
+        m.put(0x2000, &long);
+        m.put(0x3000, &[b'b'; 100]); // no NUL before the end of the mapping
+        let s = sc("execve");
+        let e = entry_snapshot(s, &[0x1000, 0, 0, 0, 0, 0], &mut m);
+        assert_eq!(e.path.as_deref(), Some(&b"/bin/true"[..]));
+        let e = entry_snapshot(s, &[0x2000, 0, 0, 0, 0, 0], &mut m);
+        assert_eq!(e.path, Some(vec![b'a'; 300]), "read across pieces");
+        assert_eq!(
+            entry_snapshot(s, &[0x3000, 0, 0, 0, 0, 0], &mut m).path,
+            None
+        );
+        assert_eq!(entry_snapshot(s, &[0, 0, 0, 0, 0, 0], &mut m).path, None);
+        let at = sc("execveat");
+        let e = entry_snapshot(at, &[3, 0x1000, 0, 0, 0, 0], &mut m);
+        assert_eq!(e.path.as_deref(), Some(&b"/bin/true"[..]));
+        assert_eq!(
+            entry_snapshot(sc("read"), &[0x1000, 0, 0, 0, 0, 0], &mut m).path,
+            None
+        );
     }
 
     #[test]
@@ -464,7 +527,7 @@ mod tests {
         m.put(0x2000, b"q");
         let c = run("recvmmsg", [3, 0x50, 8, 0, 0, 0], 2, &mut m);
         let addrs: Vec<(u64, usize)> = c.writes.iter().map(|w| (w.addr, w.data.len())).collect();
-        assert_eq!(addrs, vec![(0x50, 2 * MMSGHDR), (0x1000, 2), (0x2000, 1)]);
+        assert_eq!(addrs, vec![(0x1000, 2), (0x2000, 1), (0x50, 2 * MMSGHDR)]);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! What the recorder records, and where it goes.
 //!
-//! [`Event`] is this crate's own small vocabulary; the versioned, framed log format lives in
-//! the eventlog crate, which will implement [`Sink`]. Until then [`JsonLinesSink`] writes one
-//! JSON object per line (a debug format: byte buffers as hex strings) and [`VecSink`] keeps
-//! events in memory for tests.
+//! [`Event`] is this crate's own small vocabulary. [`crate::eventlog::EventlogSink`] maps it
+//! onto rrc-eventlog's versioned, framed, checksummed log (the real output);
+//! [`JsonLinesSink`] writes one JSON object per line (a debug format: byte buffers as hex
+//! strings) and [`VecSink`] keeps events in memory for tests.
 
 use std::io::{self, Write};
 
@@ -124,6 +124,13 @@ pub enum Event {
         kind: CreateKind,
         /// The new thread's id in its own pid namespace, if known.
         ns_tid: Option<i32>,
+        /// The clone flags, in `clone(2)`'s encoding: `clone`'s first argument; `SIGCHLD` for
+        /// `fork`; `CLONE_VM | CLONE_VFORK | SIGCHLD` for `vfork`; for `clone3`, the
+        /// `clone_args` flags with the exit signal in the low byte. 0 if the creator was not
+        /// seen entering one of these calls.
+        flags: u64,
+        /// As [`SyscallRecord::gap_ns`], of the creating syscall (0 if not seen).
+        gap_ns: u64,
     },
     /// A process replaced its image (PTRACE_EVENT_EXEC).
     Exec {
@@ -133,6 +140,12 @@ pub enum Event {
         former_tid: Tid,
         /// `/proc/TID/exe` after the exec, if readable.
         exe: Option<String>,
+        /// The program as the call named it (`execve`'s `pathname`, `execveat`'s), read at the
+        /// call's entry; `None` if it could not be read.
+        #[serde(serialize_with = "lossy")]
+        path: Option<Vec<u8>>,
+        /// As [`SyscallRecord::gap_ns`], of the `execve`/`execveat` (0 if not seen).
+        gap_ns: u64,
     },
     /// The recorder patched a process's vDSO.
     VdsoPatched {
@@ -156,6 +169,15 @@ pub enum Event {
         errno: i32,
         /// User-mode instruction pointer where it is delivered.
         ip: u64,
+        /// The syscall the thread is returning from as the signal is delivered (`orig_rax`),
+        /// `None` when it is delivered while the thread ran user code (an interrupt or a fault).
+        syscall: Option<u64>,
+        /// The whole `siginfo_t` (128 bytes), as `PTRACE_GETSIGINFO` returned it.
+        #[serde(serialize_with = "hex")]
+        siginfo: Vec<u8>,
+        /// Nanoseconds from the recorder resuming the thread after its previous recorded
+        /// syscall (or trap) to this delivery.
+        gap_ns: u64,
     },
     /// A `rdtsc`/`rdtscp` the recorder emulated (the tracee runs with PR_TSC_SIGSEGV).
     Rdtsc {
@@ -167,6 +189,8 @@ pub enum Event {
         value: u64,
         /// For `rdtscp`: the TSC_AUX value returned in ecx; `None` for `rdtsc`.
         aux: Option<u32>,
+        /// As [`SyscallRecord::gap_ns`], to the trap.
+        gap_ns: u64,
     },
     /// A thread ended.
     ThreadExited {
@@ -202,7 +226,8 @@ impl Event {
     }
 }
 
-/// Where events go, in order. The eventlog crate's writer will implement this.
+/// Where events go, in order: [`crate::eventlog::EventlogSink`] (the log), [`JsonLinesSink`]
+/// (debugging), [`VecSink`] (tests).
 ///
 /// `record` runs on the tracing thread, synchronously, while the traced thread waits: keep it
 /// cheap. With [`crate::Options::trap_rdtsc`] that thread runs with `PR_TSC_SIGSEGV`: do not
@@ -243,7 +268,7 @@ impl Sink for VecSink {
 }
 
 /// Writes one JSON object per event and line: `{"seq":N,"ev":"syscall","name":"read",...}`.
-/// A debug format until the eventlog crate's log format replaces it.
+/// A debug format; the log is [`crate::eventlog::EventlogSink`]'s.
 #[derive(Debug)]
 pub struct JsonLinesSink<W: Write> {
     out: W,
@@ -296,6 +321,13 @@ impl<W: Write> Sink for JsonLinesSink<W> {
 
 fn hex<S: serde::Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&to_hex(data))
+}
+
+fn lossy<S: serde::Serializer>(data: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match data {
+        Some(d) => s.serialize_some(&String::from_utf8_lossy(d)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Lower-case hex of `data`.

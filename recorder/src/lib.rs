@@ -7,8 +7,10 @@
 //! rules into a container's OCI seccomp profile ([`profile`]), the tracing of the container's
 //! threads from before their first instruction to their exit ([`recorder`]), the patching of
 //! their vDSO ([`vdso`]) and the emulation of `rdtsc`. It produces [`event::Event`]s into a
-//! [`event::Sink`]; the log format, its transport and the release of outputs belong to other
-//! crates (eventlog, channel, output-hold). It runs as a **process of its own**, never as a
+//! [`event::Sink`], normally [`eventlog::EventlogSink`], which maps them onto rrc-eventlog's
+//! records ([`eventlog`] documents the mapping and the gaps); the log format itself, its
+//! transport and the release of outputs belong to other crates (eventlog, channel,
+//! output-hold). It runs as a **process of its own**, never as a
 //! thread of the shim: the shim's SIGCHLD reaper calls `waitpid(-1)` and would steal ptrace
 //! stops. It never changes the container's results: every traced syscall runs for real.
 //!
@@ -87,6 +89,7 @@
 pub mod bpf;
 pub mod capture;
 pub mod event;
+pub mod eventlog;
 pub mod launch;
 pub mod procfs;
 pub mod profile;
@@ -96,6 +99,7 @@ pub mod syscalls;
 pub mod vdso;
 
 pub use event::{Event, JsonLinesSink, Sink, VecSink};
+pub use eventlog::{check_log, EventlogSink, LogCheck};
 pub use launch::{record_command, Command};
 pub use recorder::{Options, RecordError, Recorder, Summary};
 

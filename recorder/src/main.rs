@@ -1,9 +1,10 @@
 //! `rrc-recorder`: record a process tree's nondeterministic events.
 //!
 //! ```text
-//! rrc-recorder --pid PID --out FILE [--no-vdso] [--no-rdtsc]
-//! rrc-recorder --out FILE [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
+//! rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] [--container-id ID] [--no-vdso] [--no-rdtsc]
+//! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
 //! rrc-recorder --merge-profile [SECCOMP.json]
+//! rrc-recorder verify [--records] FILE
 //! ```
 //!
 //! `--pid` attaches to every thread of PID (running, blocked, or stopped in SIGSTOP, which is
@@ -12,8 +13,12 @@
 //! `--exec` starts CMD under the recorder's own filter and exits with CMD's status.
 //! `--merge-profile` prints the OCI `linux.seccomp` profile merged with the recorder's rules
 //! (from the given file, or for a container without a profile) and a report on stderr.
-//! Events are written as JSON lines to FILE (`-` for stdout). Logging: `RRC_RECORDER_LOG`
-//! (error, warn, info, debug, trace; default warn), on stderr.
+//! Events are written to FILE (`-` for stdout) as rrc's event log (`--format eventlog`, the
+//! default: one segment of container ID, default `pid-PID` or `exec`) or as JSON lines
+//! (`--format jsonl`, for debugging). `verify` decodes an event log, checks it (structure,
+//! checksums, total order, received streams), prints a summary, and exits 1 with every problem
+//! found (a truncated or corrupt file: the error and its byte offset). Logging:
+//! `RRC_RECORDER_LOG` (error, warn, info, debug, trace; default warn), on stderr.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -21,8 +26,8 @@ use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use rrc_recorder::event::ExitKind;
-use rrc_recorder::{launch, profile, JsonLinesSink, Options, Recorder};
+use rrc_recorder::event::{ExitKind, Sink};
+use rrc_recorder::{launch, profile, EventlogSink, JsonLinesSink, Options, Recorder, Summary};
 
 struct StderrLogger;
 
@@ -56,10 +61,19 @@ fn init_logging() {
     }
 }
 
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Format {
+    #[default]
+    Eventlog,
+    Jsonl,
+}
+
 #[derive(Default)]
 struct Args {
     pid: Option<i32>,
     out: Option<String>,
+    format: Format,
+    container_id: Option<String>,
     cpu: Option<usize>,
     no_vdso: bool,
     no_rdtsc: bool,
@@ -67,9 +81,12 @@ struct Args {
     merge_profile: Option<Option<String>>,
 }
 
-const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--no-vdso] [--no-rdtsc]\n       \
-     rrc-recorder --out FILE [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
-     rrc-recorder --merge-profile [SECCOMP.json]";
+const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] \
+     [--container-id ID] [--no-vdso] [--no-rdtsc]\n       \
+     rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] \
+     [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
+     rrc-recorder --merge-profile [SECCOMP.json]\n       \
+     rrc-recorder verify [--records] FILE";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args::default();
@@ -84,6 +101,14 @@ fn parse_args() -> Result<Args> {
         match s.as_str() {
             "--pid" => args.pid = Some(value("--pid")?.parse().context("--pid")?),
             "--out" => args.out = Some(value("--out")?),
+            "--format" => {
+                args.format = match value("--format")?.as_str() {
+                    "eventlog" => Format::Eventlog,
+                    "jsonl" => Format::Jsonl,
+                    other => bail!("--format {other}: expected eventlog or jsonl\n{USAGE}"),
+                }
+            }
+            "--container-id" => args.container_id = Some(value("--container-id")?),
             "--cpu" => args.cpu = Some(value("--cpu")?.parse().context("--cpu")?),
             "--no-vdso" => args.no_vdso = true,
             "--no-rdtsc" => args.no_rdtsc = true,
@@ -128,7 +153,72 @@ fn exit_code(how: Option<ExitKind>) -> ExitCode {
     }
 }
 
+/// Records with the sink `--format` asks for; `go` runs the recording.
+fn with_sink(
+    args: &Args,
+    default_id: String,
+    go: &mut dyn FnMut(&mut dyn Sink) -> Result<Summary>,
+) -> Result<Summary> {
+    let out = open_out(args.out.as_deref())?;
+    match args.format {
+        Format::Jsonl => go(&mut JsonLinesSink::new(out)),
+        Format::Eventlog => {
+            let id = args.container_id.clone().unwrap_or(default_id);
+            let mut sink = EventlogSink::new(out, id);
+            let summary = go(&mut sink);
+            let stats = sink.stats().clone();
+            let finished = sink.finish();
+            let summary = summary?;
+            finished.context("finishing the event log")?;
+            if !stats.unrecordable.is_empty() {
+                eprintln!(
+                    "rrc-recorder: {} event(s) could not be recorded and are not in the log \
+                     (replay of this recording may diverge):",
+                    stats.unrecordable.len()
+                );
+                for what in &stats.unrecordable {
+                    eprintln!("  {what}");
+                }
+            }
+            tracing::info!(
+                records = stats.records,
+                incomplete = stats.incomplete,
+                "event log written"
+            );
+            Ok(summary)
+        }
+    }
+}
+
+/// `rrc-recorder verify [--records] FILE`.
+fn verify(rest: &[String]) -> Result<ExitCode> {
+    let (records, path) = match rest {
+        [flag, path] if flag == "--records" => (true, path),
+        [path] => (false, path),
+        _ => bail!("{USAGE}"),
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let check = rrc_recorder::check_log(&bytes);
+    if records {
+        for r in &check.records {
+            println!("{}", rrc_recorder::eventlog::describe(r));
+        }
+    }
+    println!("{path}: {check}");
+    if check.is_ok() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in check.problems() {
+        eprintln!("rrc-recorder verify: {path}: {p}");
+    }
+    Ok(ExitCode::from(1))
+}
+
 fn run() -> Result<ExitCode> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("verify") {
+        return verify(&argv[1..]);
+    }
     let args = parse_args()?;
     let opts = Options {
         patch_vdso: !args.no_vdso,
@@ -153,12 +243,13 @@ fn run() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if !args.exec.is_empty() {
-        let sink = JsonLinesSink::new(open_out(args.out.as_deref())?);
         let mut cmd = launch::Command::new(&args.exec[0]).args(&args.exec[1..]);
         if let Some(cpu) = args.cpu {
             cmd = cmd.pin_cpu(cpu);
         }
-        let (summary, _) = launch::record_command(&cmd, sink, opts)?;
+        let summary = with_sink(&args, "exec".into(), &mut |sink| {
+            Ok(launch::record_command(&cmd, sink, opts)?.0)
+        })?;
         tracing::info!(
             events = summary.events,
             syscalls = summary.syscalls,
@@ -173,10 +264,11 @@ fn run() -> Result<ExitCode> {
     if let Some(cpu) = args.cpu {
         launch::pin_current_thread(cpu).context("pinning")?;
     }
-    let sink = JsonLinesSink::new(open_out(args.out.as_deref())?);
-    let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, sink, opts);
-    rec.attach(pid)?;
-    let summary = rec.run()?;
+    let summary = with_sink(&args, format!("pid-{pid}"), &mut |sink| {
+        let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, sink, opts);
+        rec.attach(pid)?;
+        Ok(rec.run()?)
+    })?;
     tracing::info!(
         events = summary.events,
         syscalls = summary.syscalls,

@@ -183,7 +183,12 @@ pub struct SigInfo {
     pub code: i32,
     /// `si_errno`.
     pub errno: i32,
+    /// The whole `siginfo_t`.
+    pub raw: [u8; SIGINFO_SIZE],
 }
+
+/// Bytes in a `siginfo_t` (x86_64).
+pub const SIGINFO_SIZE: usize = 128;
 
 /// The x86_64 user registers the recorder reads and writes.
 pub type Regs = libc::user_regs_struct;
@@ -337,10 +342,22 @@ impl Tracer for Ptrace {
             0,
             &mut si as *mut libc::siginfo_t as usize,
         )?;
+        let mut raw = [0u8; SIGINFO_SIZE];
+        const _: () = assert!(std::mem::size_of::<libc::siginfo_t>() == SIGINFO_SIZE);
+        // SAFETY: `si` is a plain-old-data siginfo_t of exactly SIGINFO_SIZE bytes (checked
+        // above at compile time); copying its bytes reads initialised memory only.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&si as *const libc::siginfo_t).cast::<u8>(),
+                raw.as_mut_ptr(),
+                SIGINFO_SIZE,
+            );
+        }
         Ok(SigInfo {
             signo: si.si_signo,
             code: si.si_code,
             errno: si.si_errno,
+            raw,
         })
     }
 

@@ -139,6 +139,8 @@ struct Thread {
     last: u64,
     /// Inject PR_SET_TSC at the exit of the exec in progress.
     inject_tsc_at_exit: bool,
+    /// Its id in its own pid namespace, read when it was seized (attached threads only).
+    ns_tid: Option<i32>,
 }
 
 /// The recorder. `T` does the tracing (the real [`ptrace::Ptrace`] or a test double), `S`
@@ -156,6 +158,9 @@ pub struct Recorder<T: Tracer, S: Sink> {
     attaching: usize,
     /// First stops collected during the attach barrier.
     deferred: Vec<(Tid, i32)>,
+    /// Threads that ended during the attach barrier: (tgid, tid, ns_tid, how), announced and
+    /// ended right after the others are announced.
+    attach_exits: Vec<(Tid, Tid, Option<i32>, ExitKind)>,
     /// Processes that were in job-control stop when attached (sent SIGCONT after the barrier).
     resume_after_attach: Vec<Tid>,
     /// Attached processes whose vDSO is still to be patched at the barrier.
@@ -206,6 +211,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             early_exits: HashMap::new(),
             attaching: 0,
             deferred: Vec::new(),
+            attach_exits: Vec::new(),
             resume_after_attach: Vec::new(),
             to_patch: Vec::new(),
             syscall_insn: HashMap::new(),
@@ -251,6 +257,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) && tid != pid => continue,
                     Err(err) => return Err(RecordError::Attach { pid, err }),
                 }
+                let ns_tid = self.tracer.status(tid).ok().and_then(|s| s.ns_tid);
                 self.threads.insert(
                     tid,
                     Thread {
@@ -258,6 +265,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                         state: State::Attaching,
                         last: now_ns(),
                         inject_tsc_at_exit: false,
+                        ns_tid,
                     },
                 );
                 self.attaching += 1;
@@ -333,16 +341,25 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         if self.attaching > 0 {
             return Ok(());
         }
-        // Every attached thread is stopped: announce them, patch, then let them go.
-        let mut tids: Vec<(Tid, Tid)> = self
+        // Every attached thread is stopped: announce them (and those that ended meanwhile,
+        // which were alive when attached), patch, then let them go.
+        let mut tids: Vec<(Tid, Tid, Option<i32>)> = self
             .deferred
             .iter()
-            .filter_map(|(t, _)| self.threads.get(t).map(|th| (th.tgid, *t)))
+            .filter_map(|(t, _)| self.threads.get(t).map(|th| (th.tgid, *t, th.ns_tid)))
             .collect();
+        let exits = std::mem::take(&mut self.attach_exits);
+        tids.extend(
+            exits
+                .iter()
+                .map(|&(tgid, tid, ns_tid, _)| (tgid, tid, ns_tid)),
+        );
         tids.sort_unstable();
-        for (tgid, tid) in tids {
-            let ns_tid = self.tracer.status(tid).ok().and_then(|s| s.ns_tid);
+        for (tgid, tid, ns_tid) in tids {
             self.emit(Event::Attached { tid, tgid, ns_tid })?;
+        }
+        for (_, tid, _, how) in exits {
+            self.emit(Event::ThreadExited { tid, how })?;
         }
         for tgid in std::mem::take(&mut self.to_patch) {
             // Where each stopped thread of the process will resume: no stub may cover it.
@@ -610,6 +627,13 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             }
         };
         let parent_tgid = self.threads.get(&tid).map(|t| t.tgid).unwrap_or(tid);
+        let (flags, gap_ns) = match self.threads.get(&tid).map(|t| &t.state) {
+            Some(State::InSyscall(p)) => {
+                let (nr, args0, gap) = (p.nr, p.args[0], p.gap_ns);
+                (self.clone_flags(tid, nr, args0), gap)
+            }
+            _ => (0, 0),
+        };
         let status = self.tracer.status(child).ok();
         let child_tgid = status.map(|s| s.tgid).unwrap_or(child);
         let kind = match event {
@@ -623,6 +647,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             child_tgid,
             kind,
             ns_tid: status.and_then(|s| s.ns_tid),
+            flags,
+            gap_ns,
         })?;
         self.threads.insert(
             child,
@@ -631,6 +657,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 state: State::Running,
                 last: now_ns(),
                 inject_tsc_at_exit: false,
+                ns_tid: None,
             },
         );
         if kind != CreateKind::Thread {
@@ -685,8 +712,13 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             state: State::Running,
             last: now_ns(),
             inject_tsc_at_exit: false,
+            ns_tid: None,
         });
         thread.tgid = tid;
+        let (path, gap_ns) = match &thread.state {
+            State::InSyscall(p) => (p.entry.path.clone(), p.gap_ns),
+            _ => (None, 0),
+        };
         self.threads.insert(tid, thread);
         self.syscall_insn.remove(&tid);
         let exe = self.tracer.exe(tid);
@@ -694,6 +726,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             tid,
             former_tid: former,
             exe,
+            path,
+            gap_ns,
         })?;
         if self.opts.patch_vdso {
             self.patch_vdso(tid, tid, &[])?;
@@ -730,18 +764,32 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 })
             }
         };
+        let gap_ns = self
+            .threads
+            .get(&tid)
+            .map(|t| now_ns().saturating_sub(t.last))
+            .unwrap_or(0);
         if sig == libc::SIGSEGV && si.code == SI_KERNEL && self.opts.trap_rdtsc {
-            if let Some(event) = self.emulate_rdtsc(tid, regs)? {
+            if let Some(event) = self.emulate_rdtsc(tid, regs, gap_ns)? {
                 self.emit(event)?;
+                // The trap counts as the thread's latest syscall for the next interval.
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.last = now_ns();
+                }
                 return self.resume(tid, 0);
             }
         }
+        // orig_rax is the syscall being returned from, or -1 after an interrupt or fault.
+        let syscall = ((regs.orig_rax as i64) >= 0).then_some(regs.orig_rax);
         self.emit(Event::Signal {
             tid,
             signo: sig,
             code: si.code,
             errno: si.errno,
             ip: regs.rip,
+            syscall,
+            siginfo: si.raw.to_vec(),
+            gap_ns,
         })?;
         self.resume(tid, sig)
     }
@@ -753,9 +801,10 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         match self.threads.remove(&tid) {
             Some(t) => {
                 if matches!(t.state, State::Attaching) {
+                    // Alive when seized: announced with the others at the barrier, then ended.
                     self.attaching = self.attaching.saturating_sub(1);
                     self.deferred.retain(|(d, _)| *d != tid);
-                    self.emit(Event::ThreadExited { tid, how })?;
+                    self.attach_exits.push((t.tgid, tid, t.ns_tid, how));
                     return self.maybe_finish_attach();
                 }
                 self.deferred.retain(|(d, _)| *d != tid);
@@ -955,7 +1004,12 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     /// If `tid` faulted on `rdtsc`/`rdtscp`, performs it for the tracee and returns the event.
-    fn emulate_rdtsc(&mut self, tid: Tid, mut regs: Regs) -> Result<Option<Event>, RecordError> {
+    fn emulate_rdtsc(
+        &mut self,
+        tid: Tid,
+        mut regs: Regs,
+        gap_ns: u64,
+    ) -> Result<Option<Event>, RecordError> {
         let code = match self.tracer.read_mem(tid, regs.rip, 3) {
             Ok(c) => c,
             Err(_) => return Ok(None),
@@ -988,7 +1042,37 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             ip,
             value,
             aux,
+            gap_ns,
         }))
+    }
+
+    /// The clone flags of the creating syscall `nr` of `tid` (first argument `arg0`), in
+    /// `clone(2)`'s encoding (see [`Event::ThreadCreated`]).
+    fn clone_flags(&mut self, tid: Tid, nr: u64, arg0: u64) -> u64 {
+        const CLONE_VM: u64 = 0x100;
+        const CLONE_VFORK: u64 = 0x4000;
+        let sigchld = libc::SIGCHLD as u64;
+        match nr {
+            n if n == u64::from(syscalls::nr::CLONE) => arg0,
+            n if n == u64::from(syscalls::nr::FORK) => sigchld,
+            n if n == u64::from(syscalls::nr::VFORK) => CLONE_VM | CLONE_VFORK | sigchld,
+            n if n == u64::from(syscalls::nr::CLONE3) => {
+                // struct clone_args: flags at 0, exit_signal at 32.
+                match self.tracer.read_mem(tid, arg0, 40) {
+                    Ok(b) if b.len() == 40 => {
+                        let word = |o: usize| {
+                            b.get(o..o + 8)
+                                .and_then(|s| s.try_into().ok())
+                                .map(u64::from_ne_bytes)
+                                .unwrap_or(0)
+                        };
+                        word(0) | (word(32) & 0xff)
+                    }
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        }
     }
 }
 
@@ -1127,6 +1211,7 @@ mod tests {
         mem: HashMap<u64, Vec<u8>>,
         resumed: Vec<(Tid, Resume, i32)>,
         tgids: HashMap<Tid, Tid>,
+        tasks: HashMap<Tid, Vec<Tid>>,
     }
 
     fn stopped(sig: i32, event: u32) -> i32 {
@@ -1162,6 +1247,7 @@ mod tests {
                 signo: libc::SIGUSR1,
                 code: 0,
                 errno: 0,
+                raw: [0; ptrace::SIGINFO_SIZE],
             })
         }
         fn regs(&mut self, _: Tid) -> io::Result<Regs> {
@@ -1190,7 +1276,7 @@ mod tests {
             })
         }
         fn task_ids(&mut self, pid: Tid) -> io::Result<Vec<Tid>> {
-            Ok(vec![pid])
+            Ok(self.tasks.get(&pid).cloned().unwrap_or_else(|| vec![pid]))
         }
         fn maps(&mut self, _: Tid) -> io::Result<String> {
             Ok(String::new())
@@ -1267,6 +1353,8 @@ mod tests {
                     child_tgid: 100,
                     kind: CreateKind::Thread,
                     ns_tid: Some(2),
+                    flags: 0,
+                    gap_ns: 0,
                 },
                 Event::Syscall(SyscallRecord {
                     tid: 101,
@@ -1352,6 +1440,51 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_ending_during_attach_is_announced_then_ended() {
+        let mut f = Fake::default();
+        f.tasks.insert(100, vec![100, 101]);
+        f.tgids.insert(101, 100);
+        f.stops.extend([
+            // 101 ends before its attach stop; 100 stops, then runs to its end.
+            (101, 0),
+            (100, stopped(libc::SIGTRAP, ptrace::EVENT_STOP)),
+            (100, 0),
+        ]);
+        let opts = Options {
+            patch_vdso: false,
+            trap_rdtsc: false,
+        };
+        let mut rec = Recorder::new(f, VecSink::default(), opts);
+        rec.attach(100).expect("attach");
+        rec.run().expect("run");
+        let events = rec.into_sink().events;
+        check_order(&events).expect("order");
+        assert_eq!(
+            events,
+            vec![
+                Event::Attached {
+                    tid: 100,
+                    tgid: 100,
+                    ns_tid: Some(1)
+                },
+                Event::Attached {
+                    tid: 101,
+                    tgid: 100,
+                    ns_tid: Some(2)
+                },
+                Event::ThreadExited {
+                    tid: 101,
+                    how: ExitKind::Exited(0)
+                },
+                Event::ThreadExited {
+                    tid: 100,
+                    how: ExitKind::Exited(0)
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn order_checker_catches_events_of_unknown_threads() {
         let ev = vec![Event::Signal {
             tid: 5,
@@ -1359,6 +1492,9 @@ mod tests {
             code: 0,
             errno: 0,
             ip: 0,
+            syscall: None,
+            siginfo: Vec::new(),
+            gap_ns: 0,
         }];
         assert!(check_order(&ev).is_err());
         let ev = vec![
@@ -1377,6 +1513,9 @@ mod tests {
                 code: 0,
                 errno: 0,
                 ip: 0,
+                syscall: None,
+                siginfo: Vec::new(),
+                gap_ns: 0,
             },
         ];
         assert!(check_order(&ev).is_err());

@@ -252,6 +252,14 @@ pub mod nr {
     pub const PRCTL: u32 = 157;
     /// `execve`.
     pub const EXECVE: u32 = 59;
+    /// `clone`.
+    pub const CLONE: u32 = 56;
+    /// `fork`.
+    pub const FORK: u32 = 57;
+    /// `vfork`.
+    pub const VFORK: u32 = 58;
+    /// `clone3`.
+    pub const CLONE3: u32 = 435;
     /// `execveat`.
     pub const EXECVEAT: u32 = 322;
 }

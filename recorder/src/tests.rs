@@ -485,3 +485,424 @@ fn cost_of_a_recorded_read() {
     );
     assert!(pinned > base && free > base && floor > base);
 }
+
+// ---- Through the event log: record with `EventlogSink`, decode, verify. ----
+
+use crate::eventlog::{check_log, EventlogSink, LogCheck};
+use rrc_eventlog::{Event as LogEvent, EventRecord, Time};
+
+struct LogRun {
+    check: LogCheck,
+    summary: Summary,
+    raw_stdout: Vec<u8>,
+    stdout: String,
+}
+
+impl LogRun {
+    fn events(&self) -> impl Iterator<Item = &EventRecord> {
+        self.check.records.iter().filter_map(|r| r.as_event())
+    }
+
+    fn times(&self) -> Vec<Time> {
+        self.events()
+            .filter_map(|e| match &e.event {
+                LogEvent::Time(t) => Some(*t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `(args, ret, data)` of the syscall results with number `nr`.
+    fn results(&self, nr: u64) -> Vec<(&[u64], i64, Vec<u8>)> {
+        self.events()
+            .filter_map(|e| match &e.event {
+                LogEvent::SyscallResult {
+                    nr: n,
+                    args,
+                    ret,
+                    writes,
+                } if *n == nr => Some((
+                    args.as_slice(),
+                    *ret,
+                    writes
+                        .iter()
+                        .flat_map(|w| w.bytes.iter().copied())
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Decodes and verifies `log`; panics with the problems unless it is clean.
+fn checked(log: &[u8]) -> LogCheck {
+    let check = check_log(log);
+    assert!(
+        check.is_ok(),
+        "log not consistent: {:#?}\n{check}",
+        check.problems()
+    );
+    check
+}
+
+/// Records `cmd` into an event log (in memory), then decodes and verifies it.
+fn record_log(cmd: Command) -> LogRun {
+    let (f, fd) = capture_file();
+    let sink = EventlogSink::new(Vec::new(), "rrc-recorder-test");
+    let (summary, sink) =
+        record_command(&cmd.stdout(fd), sink, Options::default()).expect("recording");
+    assert_eq!(sink.stats().unknown_threads, 0, "{:?}", sink.stats());
+    let log = sink.finish().expect("finish the log");
+    let raw_stdout = read_back(f);
+    LogRun {
+        check: checked(&log),
+        summary,
+        stdout: String::from_utf8_lossy(&raw_stdout).into_owned(),
+        raw_stdout,
+    }
+}
+
+fn record_log_prog(args: &[&str]) -> LogRun {
+    record_log(Command::new(prog()).args(args))
+}
+
+#[test]
+fn eventlog_clock_reads_equal_what_the_program_printed() {
+    let run = record_log_prog(&["clock", "5"]);
+    let times = run.times();
+    let mono: Vec<(i64, i64)> = times
+        .iter()
+        .filter_map(|t| match *t {
+            Time::ClockGettime {
+                clock: libc::CLOCK_MONOTONIC,
+                sec,
+                nsec,
+            } => Some((sec, nsec)),
+            _ => None,
+        })
+        .collect();
+    let mut lines = run.stdout.lines();
+    let printed: Vec<(i64, i64)> = lines
+        .by_ref()
+        .take(5)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').expect("sec nsec");
+            (a.parse().expect("sec"), b.parse().expect("nsec"))
+        })
+        .collect();
+    assert!(
+        mono.windows(5).any(|w| w == printed.as_slice()),
+        "printed {printed:?} not among the logged {mono:?}"
+    );
+    let tv = times
+        .iter()
+        .rev()
+        .find_map(|t| match *t {
+            Time::Gettimeofday { sec, usec } => Some(format!("tv {sec} {usec}")),
+            _ => None,
+        })
+        .expect("gettimeofday logged as Time");
+    assert_eq!(lines.next(), Some(tv.as_str()));
+    let time = times
+        .iter()
+        .rev()
+        .find_map(|t| match *t {
+            Time::Time { sec } => Some(format!("time {sec}")),
+            _ => None,
+        })
+        .expect("time logged as Time");
+    assert_eq!(lines.next(), Some(time.as_str()));
+}
+
+#[test]
+fn eventlog_getrandom_bytes_equal_what_the_program_printed() {
+    let run = record_log_prog(&["getrandom", "32"]);
+    let printed = run.stdout.trim();
+    let hit = run
+        .results(318)
+        .into_iter()
+        .find(|(args, _, _)| args.get(1) == Some(&32))
+        .expect("getrandom(32) logged");
+    assert_eq!(hit.1, 32);
+    assert_eq!(hex(&hit.2), printed);
+}
+
+#[test]
+fn eventlog_rdtsc_values_equal_what_the_program_printed() {
+    let run = record_log_prog(&["rdtsc", "3"]);
+    let tsc: Vec<String> = run
+        .times()
+        .iter()
+        .filter_map(|t| match *t {
+            Time::Rdtsc { tsc } => Some(tsc.to_string()),
+            Time::Rdtscp { tsc, aux } => Some(format!("p {tsc} {aux}")),
+            _ => None,
+        })
+        .collect();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert!(tsc.len() >= 4, "{tsc:?}");
+    assert_eq!(lines, tsc[tsc.len() - 4..].to_vec());
+}
+
+/// Every other test program (threads, fork, exec, signals, a contended mutex, a shell
+/// pipeline) gives a log that decodes and verifies cleanly (`record_log` checks).
+#[test]
+fn eventlog_of_every_test_program_verifies() {
+    let p = prog().to_str().expect("utf8");
+    for args in [
+        &["threads"][..],
+        &["fork"],
+        &["signal"],
+        &["exec", p, "getrandom", "8"],
+        &["mutex", "500"],
+    ] {
+        let run = record_log_prog(args);
+        assert_eq!(run.summary.root_exit, Some(ExitKind::Exited(0)), "{args:?}");
+        let kinds = &run.check.report.kinds;
+        match args[0] {
+            "threads" => {
+                assert_eq!(kinds.get("thread-create"), Some(&2));
+                // pthread_create (clone3 in recent glibc, clone before): the real flags.
+                const CLONE_VM: u64 = 0x100;
+                const CLONE_THREAD: u64 = 0x10000;
+                assert!(run.events().all(|e| match e.event {
+                    LogEvent::ThreadCreate { flags, .. } =>
+                        flags & (CLONE_VM | CLONE_THREAD) == CLONE_VM | CLONE_THREAD,
+                    _ => true,
+                }));
+            }
+            "fork" => {
+                assert_eq!(kinds.get("process-fork"), Some(&1));
+                assert!(run.events().all(|e| match e.event {
+                    LogEvent::ProcessFork { flags, .. } => flags & 0xff == libc::SIGCHLD as u64,
+                    _ => true,
+                }));
+            }
+            "signal" => assert!(kinds.contains_key("signal")),
+            "exec" => {
+                // The launcher's exec and the program's, each with the path it named.
+                let paths: Vec<Vec<u8>> = run
+                    .events()
+                    .filter_map(|e| match &e.event {
+                        LogEvent::Exec { path } => Some(path.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(paths, vec![p.as_bytes().to_vec(), p.as_bytes().to_vec()]);
+            }
+            _ => assert!(kinds.get("sync-order").is_some_and(|&n| n > 0)),
+        }
+    }
+    let run = record_log(Command::new("/bin/sh").args([
+        "-c",
+        "for i in 1 2 3; do echo $i; done | cat; head -c 16 /dev/urandom | od -An -tx1",
+    ]));
+    assert_eq!(run.raw_stdout.iter().filter(|&&b| b == b'\n').count(), 4);
+    assert!(run
+        .check
+        .report
+        .kinds
+        .get("process-fork")
+        .is_some_and(|&n| n >= 3));
+}
+
+#[test]
+fn eventlog_of_an_attached_process_starts_with_its_threads_alive() {
+    let mut child = std::process::Command::new(prog())
+        .args(["spin", "300"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as i32;
+    for _ in 0..200 {
+        if crate::procfs::task_ids(pid).map(|t| t.len()).unwrap_or(0) == 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut rec = crate::Recorder::new(
+        crate::ptrace::Ptrace,
+        EventlogSink::new(Vec::new(), "attached"),
+        Options::default(),
+    );
+    rec.attach(pid).expect("attach");
+    rec.run().expect("run");
+    let log = rec.into_sink().finish().expect("finish");
+    let check = checked(&log);
+    let live = match &check.records[0] {
+        rrc_eventlog::Record::SegmentStart(s) => s.live.clone(),
+        other => panic!("{other:?}"),
+    };
+    let created = check
+        .report
+        .kinds
+        .get("thread-create")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(live.len() as u64 + created, 4, "{live:?}");
+    assert!(live.contains(&rrc_eventlog::Thread::main(pid as u32)));
+    assert_eq!(check.report.kinds.get("thread-exit"), Some(&4));
+    drop(child.wait());
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: the server binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn urandom(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("/dev/urandom");
+    buf
+}
+
+/// Connects `n` times, in order (so the server accepts them in this order), retrying until
+/// the server listens.
+fn connect_all(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    (0..n)
+        .map(|_| loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    let t = Some(std::time::Duration::from_secs(20));
+                    s.set_read_timeout(t).expect("timeout");
+                    s.set_write_timeout(t).expect("timeout");
+                    break s;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect to the recorded server: {e}"),
+            }
+        })
+        .collect()
+}
+
+/// Sends `data` in chunks of varying size, checking each chunk's echo, then ends its side
+/// and waits for the server to close.
+fn exchange(mut s: std::net::TcpStream, data: &[u8]) {
+    const SIZES: [usize; 7] = [1, 700, 4000, 1500, 13, 9000, 2048];
+    let mut off = 0;
+    for i in 0.. {
+        if off == data.len() {
+            break;
+        }
+        let n = SIZES[i % SIZES.len()].min(data.len() - off);
+        s.write_all(&data[off..off + n]).expect("send");
+        let mut back = vec![0u8; n];
+        s.read_exact(&mut back).expect("echo");
+        assert!(back == data[off..off + n], "echo differs at byte {off}");
+        off += n;
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("server close");
+    assert!(rest.is_empty());
+}
+
+/// Records `rrctest tcpserver` serving connections that send `sizes` random bytes each; the
+/// application's received streams, rebuilt from the log alone, must be exactly what each
+/// connection sent.
+fn tcp_recorded(sizes: &[usize], threads: bool) {
+    let port = free_port();
+    let payloads: Vec<Vec<u8>> = sizes.iter().map(|&n| urandom(n)).collect();
+    let max = sizes.iter().copied().max().unwrap_or(0);
+    let mut args = vec![
+        "tcpserver".to_string(),
+        port.to_string(),
+        sizes.len().to_string(),
+        max.to_string(),
+    ];
+    if threads {
+        args.push("threads".into());
+    }
+    let cmd = Command::new(prog()).args(args);
+    let recorder = std::thread::spawn(move || record_log(cmd));
+    let client = std::panic::catch_unwind(|| {
+        let conns = connect_all(port, payloads.len());
+        if threads {
+            std::thread::scope(|sc| {
+                for (s, p) in conns.into_iter().zip(&payloads) {
+                    sc.spawn(move || exchange(s, p));
+                }
+            });
+        } else {
+            for (s, p) in conns.into_iter().zip(&payloads) {
+                exchange(s, p);
+            }
+        }
+    });
+    if client.is_err() {
+        // Let the server finish (each missing connection ends at once) before failing.
+        for s in connect_all(port, payloads.len()) {
+            drop(s);
+        }
+    }
+    let run = recorder.join().expect("recording");
+    if let Err(e) = client {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(run.summary.root_exit, Some(ExitKind::Exited(0)));
+    let want: String = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("conn {i} {n}\n"))
+        .collect();
+    assert_eq!(run.stdout, want);
+
+    let mut accepted: Vec<_> = run.check.streams.accepted().collect();
+    accepted.sort_by_key(|s| s.accepted_at);
+    assert_eq!(
+        accepted.len(),
+        sizes.len(),
+        "one stream per accepted connection"
+    );
+    for (i, (stream, sent)) in accepted.iter().zip(&payloads).enumerate() {
+        assert_eq!(stream.data.len(), sent.len(), "connection {i}: length");
+        assert!(
+            stream.data == *sent,
+            "connection {i}: the log's bytes differ from what the client sent"
+        );
+        // The longest connection is served to NBYTES; the others see the client's end.
+        assert_eq!(
+            stream.eof,
+            sent.len() < max,
+            "connection {i}: end of stream"
+        );
+    }
+    // Every read flavour was used on the connections: read, recvfrom, readv, recvmsg.
+    for nr in [0, 45, 19, 47] {
+        let on_conns = run
+            .results(nr)
+            .iter()
+            .filter(|(args, ret, _)| {
+                *ret > 0
+                    && accepted
+                        .iter()
+                        .any(|s| args.first() == Some(&(s.fd as u64)))
+            })
+            .count();
+        assert!(on_conns > 0, "no syscall {nr} on the connections");
+    }
+    let kinds = &run.check.report.kinds;
+    if threads {
+        assert_eq!(kinds.get("thread-create"), Some(&(sizes.len() as u64)));
+    }
+}
+
+#[test]
+fn eventlog_tcp_streams_rebuild_what_each_client_sent() {
+    tcp_recorded(&[40_000, 7, 65_537], false);
+}
+
+#[test]
+fn eventlog_tcp_streams_rebuild_with_a_thread_per_connection() {
+    tcp_recorded(&[50_000, 50_000, 30_000, 1], true);
+}

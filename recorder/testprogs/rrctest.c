@@ -2,7 +2,10 @@
  * Compiled by the tests with `cc -O1 -pthread`. Everything it prints is what the recorder's
  * log must explain. */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -10,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -182,6 +186,80 @@ static int do_mutex(long n) {
     return 0;
 }
 
+/* tcpserver PORT NCONN NBYTES [threads]: listen on 127.0.0.1:PORT, accept NCONN connections
+ * (accept and accept4 in turn) and serve each until it has received NBYTES bytes (or end of
+ * stream): read with read, recv, readv and recvmsg in turn (sizes varying, the vectored calls
+ * over two iovecs), echo every byte back. Connections are served one after the other, or each
+ * in a thread of its own with "threads". Prints "conn I BYTES" per connection at the end. */
+struct tcpconn {
+    int fd;
+    long got;
+};
+static long tcp_nbytes;
+static void *tcp_serve(void *arg) {
+    struct tcpconn *c = arg;
+    unsigned char buf[2048];
+    long got = 0;
+    for (int call = 0; got < tcp_nbytes; call++) {
+        size_t want = 97 + ((size_t)call * 331) % 1900;
+        size_t first = want / 3;
+        struct iovec iov[2] = {{buf, first}, {buf + first, want - first}};
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = iov;
+        m.msg_iovlen = 2;
+        ssize_t n;
+        switch (call % 4) {
+        case 0: n = read(c->fd, buf, want); break;
+        case 1: n = recv(c->fd, buf, want, 0); break;
+        case 2: n = readv(c->fd, iov, 2); break;
+        default: n = recvmsg(c->fd, &m, 0); break;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        for (ssize_t off = 0; off < n;) {
+            ssize_t w = write(c->fd, buf + off, n - off);
+            if (w <= 0) goto out;
+            off += w;
+        }
+        got += n;
+    }
+out:
+    c->got = got;
+    close(c->fd);
+    return NULL;
+}
+static int do_tcpserver(int port, int nconn, long nbytes, int threaded) {
+    struct tcpconn conns[16];
+    pthread_t t[16];
+    if (nconn > 16) nconn = 16;
+    tcp_nbytes = nbytes;
+    int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    if (s < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one)) return 1;
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 16)) return 1;
+    for (int i = 0; i < nconn; i++) {
+        struct sockaddr_in peer;
+        socklen_t len = sizeof peer;
+        int fd = i % 2 == 0 ? accept(s, (struct sockaddr *)&peer, &len)
+                            : accept4(s, (struct sockaddr *)&peer, &len, SOCK_CLOEXEC);
+        if (fd < 0) return 1;
+        conns[i].fd = fd;
+        conns[i].got = 0;
+        if (!threaded) tcp_serve(&conns[i]);
+        else if (pthread_create(&t[i], NULL, tcp_serve, &conns[i])) return 1;
+    }
+    if (threaded)
+        for (int i = 0; i < nconn; i++) pthread_join(t[i], NULL);
+    close(s);
+    for (int i = 0; i < nconn; i++) printf("conn %d %ld\n", i, conns[i].got);
+    return 0;
+}
+
 /* mintrace N FULL: the floor of the mechanism, for comparison in the same run. A minimal C
  * tracer (pinned with its tracee on CPU 0) runs `readloop N` in a child whose filter traces
  * read only: at each seccomp stop PTRACE_SYSCALL, at the exit stop PTRACE_CONT. With FULL=1 it
@@ -265,6 +343,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "readloop") && argc > 2) rc = do_readloop(atol(argv[2]));
     else if (!strcmp(m, "spin") && argc > 2) rc = do_spin(atol(argv[2]));
     else if (!strcmp(m, "mutex") && argc > 2) rc = do_mutex(atol(argv[2]));
+    else if (!strcmp(m, "tcpserver") && argc > 4)
+        rc = do_tcpserver(atoi(argv[2]), atoi(argv[3]), atol(argv[4]),
+                          argc > 5 && !strcmp(argv[5], "threads"));
     else if (!strcmp(m, "mintrace") && argc > 3) rc = do_mintrace(argv[0], argv[2], atoi(argv[3]));
     else if (!strcmp(m, "exec") && argc > 2) {
         fflush(stdout);
