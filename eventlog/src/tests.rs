@@ -306,31 +306,21 @@ fn gaps_duplicates_and_reorderings_are_refused() {
         );
     }
 
-    // A segment end that disagrees with the events.
-    let mut recs = records.clone();
-    recs.push(end(14));
-    let err = Reader::new(&encode_all(&recs)).read_all().unwrap_err();
-    assert!(matches!(
-        err,
-        EventLogError::Gap {
-            expected: 13,
-            found: 14,
-            ..
-        }
-    ));
-
-    // A next segment that does not continue where the previous one ended.
-    let mut recs = records.clone();
-    recs.extend([end(13), start(14, &[T1])]);
-    let err = Reader::new(&encode_all(&recs)).read_all().unwrap_err();
-    assert!(matches!(
-        err,
-        EventLogError::Gap {
-            expected: 13,
-            found: 14,
-            ..
-        }
-    ));
+    // A segment end that disagrees with the events, and a next segment that does not continue
+    // where the previous one ended.
+    for tail in [vec![end(14)], vec![end(13), start(14, &[T1])]] {
+        let mut recs = records.clone();
+        recs.extend(tail);
+        let err = Reader::new(&encode_all(&recs)).read_all().unwrap_err();
+        assert!(matches!(
+            err,
+            EventLogError::Gap {
+                expected: 13,
+                found: 14,
+                ..
+            }
+        ));
+    }
     let mut recs = records;
     recs.extend([end(13), start(13, &[T1]), ev(13, T1, futex(1))]);
     Reader::new(&encode_all(&recs)).read_all().unwrap();
@@ -439,16 +429,7 @@ fn malformed_bodies_with_good_checksums_are_refused() {
 
 #[test]
 fn the_writer_refuses_what_it_could_not_read_back() {
-    let mut w = Writer::new(
-        Vec::new(),
-        SegmentStart {
-            base_seq: 1,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![T1],
-        },
-    )
-    .unwrap();
+    let mut w = writer(Vec::new(), 1, &[T1]);
     let before = w.get_ref().len();
     let seven = Event::SyscallResult {
         nr: 0,
@@ -528,16 +509,7 @@ fn the_writer_stops_after_an_output_error() {
             Ok(())
         }
     }
-    let mut w = Writer::new(
-        Failing(60),
-        SegmentStart {
-            base_seq: 1,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![T1],
-        },
-    )
-    .unwrap();
+    let mut w = writer(Failing(60), 1, &[T1]);
     let err = w.append(T1, 0, &read(3, &[0; 100])).unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
     assert!(matches!(
@@ -566,16 +538,7 @@ fn positions_and_cuts() {
 
 #[test]
 fn positions_follow_the_writer_and_the_readers() {
-    let mut w = Writer::new(
-        Vec::new(),
-        SegmentStart {
-            base_seq: 100,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![T1],
-        },
-    )
-    .unwrap();
+    let mut w = writer(Vec::new(), 100, &[T1]);
     assert_eq!(w.position(), Position::new(99));
     w.append(T1, 0, &futex(1)).unwrap();
     assert_eq!(w.position(), Position::new(100));
@@ -592,16 +555,7 @@ fn positions_follow_the_writer_and_the_readers() {
 #[test]
 fn discarding_before_a_committed_checkpoint_drops_whole_segments() {
     // Segments [1, 4), [4, 7), and an open one from 7.
-    let mut w = Writer::new(
-        Vec::new(),
-        SegmentStart {
-            base_seq: 1,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![T1],
-        },
-    )
-    .unwrap();
+    let mut w = writer(Vec::new(), 1, &[T1]);
     let mut cuts = Vec::new();
     for epoch in 1..=2 {
         for _ in 0..3 {

@@ -485,16 +485,7 @@ fn incomplete_results_are_reported_by_the_rebuild() {
 fn a_client_stream_survives_the_wire_and_a_byte_by_byte_decoder() {
     // What a client sent, received by the application in uneven pieces.
     let sent: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let mut w = Writer::new(
-        Vec::new(),
-        SegmentStart {
-            base_seq: 1,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![T1],
-        },
-    )
-    .unwrap();
+    let mut w = writer(Vec::new(), 1, &[T1]);
     w.append(T1, 3, &result(nr::ACCEPT, vec![3, 0, 0], 7, &[]))
         .unwrap();
     let mut off = 0;

@@ -18,6 +18,21 @@ pub fn start(base_seq: u64, live: &[Thread]) -> Record {
     })
 }
 
+/// A writer into `out` whose first segment starts at `base_seq` (epoch 0, container "c") with
+/// the threads `live`.
+pub fn writer<W: std::io::Write>(out: W, base_seq: u64, live: &[Thread]) -> Writer<W> {
+    Writer::new(
+        out,
+        SegmentStart {
+            base_seq,
+            epoch: 0,
+            container_id: "c".into(),
+            live: live.to_vec(),
+        },
+    )
+    .unwrap()
+}
+
 pub fn end(next_seq: u64) -> Record {
     Record::SegmentEnd(SegmentEnd { next_seq })
 }

@@ -738,6 +738,18 @@ mod tests {
         })
     }
 
+    /// A sink for container "c" that has recorded the attach of process `pid`.
+    fn attached(pid: Tid) -> EventlogSink<Vec<u8>> {
+        let mut sink = EventlogSink::new(Vec::new(), "c");
+        sink.record(Event::Attached {
+            tid: pid,
+            tgid: pid,
+            ns_tid: None,
+        })
+        .expect("attach");
+        sink
+    }
+
     fn events(log: &[u8]) -> Vec<rrc_eventlog::EventRecord> {
         let check = check_log(log);
         assert!(check.is_ok(), "{:?}\n{check}", check.problems());
@@ -1036,13 +1048,7 @@ mod tests {
 
     #[test]
     fn a_receive_keeps_its_data_first_and_the_streams_rebuild() {
-        let mut sink = EventlogSink::new(Vec::new(), "c");
-        sink.record(Event::Attached {
-            tid: 5,
-            tgid: 5,
-            ns_tid: None,
-        })
-        .expect("attach");
+        let mut sink = attached(5);
         // accept4 → fd 4; recvmsg of 5 bytes over two iovecs, then name and header.
         sink.record(sys(
             5,
@@ -1107,13 +1113,7 @@ mod tests {
         assert!(check.is_ok());
         assert_eq!(check.report.segments, 1);
 
-        let mut sink = EventlogSink::new(Vec::new(), "c");
-        sink.record(Event::Attached {
-            tid: 5,
-            tgid: 5,
-            ns_tid: None,
-        })
-        .expect("attach");
+        let mut sink = attached(5);
         sink.record(sys(5, 24, [0; 6], Some(0), Vec::new()))
             .expect("yield");
         let err = sink
@@ -1128,13 +1128,7 @@ mod tests {
 
     #[test]
     fn damaged_logs_are_reported_with_their_offset() {
-        let mut sink = EventlogSink::new(Vec::new(), "c");
-        sink.record(Event::Attached {
-            tid: 5,
-            tgid: 5,
-            ns_tid: None,
-        })
-        .expect("attach");
+        let mut sink = attached(5);
         for _ in 0..3 {
             sink.record(sys(5, 24, [0; 6], Some(0), Vec::new()))
                 .expect("yield");

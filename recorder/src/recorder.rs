@@ -188,6 +188,16 @@ fn is_gone(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ESRCH)
 }
 
+/// The outcome of ptrace operation `what` on `tid`: `None` when the thread has vanished
+/// meanwhile (killed, e.g. by another thread's `exit_group`: its exit report follows).
+fn alive<V>(res: io::Result<V>, what: &'static str, tid: Tid) -> Result<Option<V>, RecordError> {
+    match res {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(err) => Err(RecordError::Trace { what, tid, err }),
+    }
+}
+
 struct Mem<'a, T: Tracer> {
     tracer: &'a mut T,
     tid: Tid,
@@ -272,15 +282,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             }
         }
         for &tid in &seized {
-            if let Err(e) = self.tracer.interrupt(tid) {
-                if !is_gone(&e) {
-                    return Err(RecordError::Trace {
-                        what: "PTRACE_INTERRUPT",
-                        tid,
-                        err: e,
-                    });
-                }
-            }
+            alive(self.tracer.interrupt(tid), "PTRACE_INTERRUPT", tid)?;
         }
         if status.stopped {
             self.resume_after_attach.push(pid);
@@ -404,16 +406,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     fn resume_as(&mut self, tid: Tid, how: Resume, sig: i32) -> Result<(), RecordError> {
-        match self.tracer.resume(tid, how, sig) {
-            Ok(()) => Ok(()),
-            // Killed meanwhile (e.g. another thread's exit_group): its exit report follows.
-            Err(e) if is_gone(&e) => Ok(()),
-            Err(err) => Err(RecordError::Trace {
-                what: "resume",
-                tid,
-                err,
-            }),
-        }
+        // Killed meanwhile (e.g. another thread's exit_group): its exit report follows.
+        alive(self.tracer.resume(tid, how, sig), "resume", tid)?;
+        Ok(())
     }
 
     fn on_stop(&mut self, tid: Tid, stop: Stop, first: bool) -> Result<(), RecordError> {
@@ -458,16 +453,13 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             // The recorder's own injected syscall, traced by a container profile: let it run.
             return self.resume_as(tid, Resume::Syscall, 0);
         }
-        let info = match self.tracer.syscall_info(tid) {
-            Ok(i) => i,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GET_SYSCALL_INFO",
-                    tid,
-                    err,
-                })
-            }
+        let Some(info) = alive(
+            self.tracer.syscall_info(tid),
+            "PTRACE_GET_SYSCALL_INFO",
+            tid,
+        )?
+        else {
+            return Ok(());
         };
         let gap_ns = self
             .threads
@@ -556,16 +548,13 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     fn finish_syscall(&mut self, tid: Tid, p: Pending) -> Result<(), RecordError> {
-        let info = match self.tracer.syscall_info(tid) {
-            Ok(i) => i,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GET_SYSCALL_INFO",
-                    tid,
-                    err,
-                })
-            }
+        let Some(info) = alive(
+            self.tracer.syscall_info(tid),
+            "PTRACE_GET_SYSCALL_INFO",
+            tid,
+        )?
+        else {
+            return Ok(());
         };
         if info.op != ptrace::INFO_EXIT {
             tracing::warn!(tid, nr = p.nr, op = info.op, "expected a syscall-exit stop");
@@ -615,16 +604,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     fn on_create(&mut self, tid: Tid, event: u32) -> Result<(), RecordError> {
-        let child = match self.tracer.event_msg(tid) {
-            Ok(m) => m as Tid,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GETEVENTMSG",
-                    tid,
-                    err,
-                })
-            }
+        let msg = self.tracer.event_msg(tid).map(|m| m as Tid);
+        let Some(child) = alive(msg, "PTRACE_GETEVENTMSG", tid)? else {
+            return Ok(());
         };
         let parent_tgid = self.threads.get(&tid).map(|t| t.tgid).unwrap_or(tid);
         let (flags, gap_ns) = match self.threads.get(&tid).map(|t| &t.state) {
@@ -676,16 +658,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     fn on_exec(&mut self, tid: Tid) -> Result<(), RecordError> {
-        let former = match self.tracer.event_msg(tid) {
-            Ok(m) => m as Tid,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GETEVENTMSG",
-                    tid,
-                    err,
-                })
-            }
+        let msg = self.tracer.event_msg(tid).map(|m| m as Tid);
+        let Some(former) = alive(msg, "PTRACE_GETEVENTMSG", tid)? else {
+            return Ok(());
         };
         // After exec the process has one thread, `tid` (the leader's id), carrying on the
         // state of the thread that called execve (`former`).
@@ -742,27 +717,11 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     }
 
     fn on_signal(&mut self, tid: Tid, sig: i32) -> Result<(), RecordError> {
-        let si = match self.tracer.siginfo(tid) {
-            Ok(si) => si,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GETSIGINFO",
-                    tid,
-                    err,
-                })
-            }
+        let Some(si) = alive(self.tracer.siginfo(tid), "PTRACE_GETSIGINFO", tid)? else {
+            return Ok(());
         };
-        let regs = match self.tracer.regs(tid) {
-            Ok(r) => r,
-            Err(e) if is_gone(&e) => return Ok(()),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GETREGS",
-                    tid,
-                    err,
-                })
-            }
+        let Some(regs) = alive(self.tracer.regs(tid), "PTRACE_GETREGS", tid)? else {
+            return Ok(());
         };
         let gap_ns = self
             .threads
@@ -906,16 +865,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             })?;
             return Ok(false);
         };
-        let saved = match self.tracer.regs(tid) {
-            Ok(r) => r,
-            Err(e) if is_gone(&e) => return Ok(true),
-            Err(err) => {
-                return Err(RecordError::Trace {
-                    what: "PTRACE_GETREGS",
-                    tid,
-                    err,
-                })
-            }
+        let Some(saved) = alive(self.tracer.regs(tid), "PTRACE_GETREGS", tid)? else {
+            return Ok(true);
         };
         let mut regs = saved;
         regs.rax = u64::from(syscalls::nr::PRCTL);
@@ -926,15 +877,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         regs.r10 = 0;
         regs.r8 = 0;
         regs.rip = insn;
-        if let Err(err) = self.tracer.set_regs(tid, &regs) {
-            if is_gone(&err) {
-                return Ok(true);
-            }
-            return Err(RecordError::Trace {
-                what: "PTRACE_SETREGS",
-                tid,
-                err,
-            });
+        if alive(self.tracer.set_regs(tid, &regs), "PTRACE_SETREGS", tid)?.is_none() {
+            return Ok(true);
         }
         if let Some(t) = self.threads.get_mut(&tid) {
             t.state = State::Injecting {
@@ -966,33 +910,20 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 self.resume_as(tid, Resume::Syscall, 0)
             }
             InjectPhase::Exit => {
-                let ret = self.tracer.regs(tid).map(|r| r.rax as i64);
-                match ret {
-                    Ok(0) => tracing::debug!(tid, "PR_SET_TSC injected"),
-                    Ok(r) => {
+                let Some(regs) = alive(self.tracer.regs(tid), "PTRACE_GETREGS", tid)? else {
+                    return Ok(());
+                };
+                match regs.rax as i64 {
+                    0 => tracing::debug!(tid, "PR_SET_TSC injected"),
+                    r => {
                         self.emit(Event::Unrecordable {
                             tid,
                             what: format!("rdtsc not trapped: injected prctl returned {r}"),
                         })?;
                     }
-                    Err(e) if is_gone(&e) => return Ok(()),
-                    Err(err) => {
-                        return Err(RecordError::Trace {
-                            what: "PTRACE_GETREGS",
-                            tid,
-                            err,
-                        })
-                    }
                 }
-                if let Err(err) = self.tracer.set_regs(tid, &saved) {
-                    if is_gone(&err) {
-                        return Ok(());
-                    }
-                    return Err(RecordError::Trace {
-                        what: "PTRACE_SETREGS",
-                        tid,
-                        err,
-                    });
+                if alive(self.tracer.set_regs(tid, &saved), "PTRACE_SETREGS", tid)?.is_none() {
+                    return Ok(());
                 }
                 if let Some(t) = self.threads.get_mut(&tid) {
                     t.state = State::Running;
@@ -1027,15 +958,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         }
         let ip = regs.rip;
         regs.rip = regs.rip.wrapping_add(len);
-        if let Err(err) = self.tracer.set_regs(tid, &regs) {
-            if is_gone(&err) {
-                return Ok(None);
-            }
-            return Err(RecordError::Trace {
-                what: "PTRACE_SETREGS",
-                tid,
-                err,
-            });
+        if alive(self.tracer.set_regs(tid, &regs), "PTRACE_SETREGS", tid)?.is_none() {
+            return Ok(None);
         }
         Ok(Some(Event::Rdtsc {
             tid,
@@ -1298,6 +1222,16 @@ mod tests {
         }
     }
 
+    /// Attaches to process 100 through `f` and records until it ends: the summary, how the
+    /// threads were resumed, and the events.
+    fn record(f: Fake, opts: Options) -> (Summary, Vec<(Tid, Resume, i32)>, Vec<Event>) {
+        let mut rec = Recorder::new(f, VecSink::default(), opts);
+        rec.attach(100).expect("attach");
+        let summary = rec.run().expect("run");
+        let resumed = std::mem::take(&mut rec.tracer.resumed);
+        (summary, resumed, rec.into_sink().events)
+    }
+
     fn exit(rval: i64) -> SyscallInfo {
         SyscallInfo {
             op: ptrace::INFO_EXIT,
@@ -1332,12 +1266,8 @@ mod tests {
             patch_vdso: true,
             trap_rdtsc: false,
         };
-        let mut rec = Recorder::new(f, VecSink::default(), opts);
-        rec.attach(100).expect("attach");
-        let summary = rec.run().expect("run");
+        let (summary, resumed, events) = record(f, opts);
         assert_eq!(summary.root_exit, Some(ExitKind::Exited(3)));
-        let resumed = rec.tracer.resumed.clone();
-        let events = rec.into_sink().events;
         check_order(&events).expect("order");
         assert_eq!(
             events,
@@ -1406,11 +1336,7 @@ mod tests {
             (100, libc::SIGKILL),
         ]);
         f.infos.push_back(seccomp(231, [5, 0, 0, 0, 0, 0]));
-        let mut rec = Recorder::new(f, VecSink::default(), Options::default());
-        rec.attach(100).expect("attach");
-        rec.run().expect("run");
-        let resumed = rec.tracer.resumed.clone();
-        let events = rec.into_sink().events;
+        let (_, resumed, events) = record(f, Options::default());
         assert!(matches!(
             events[1],
             Event::Signal {
@@ -1454,10 +1380,7 @@ mod tests {
             patch_vdso: false,
             trap_rdtsc: false,
         };
-        let mut rec = Recorder::new(f, VecSink::default(), opts);
-        rec.attach(100).expect("attach");
-        rec.run().expect("run");
-        let events = rec.into_sink().events;
+        let (_, _, events) = record(f, opts);
         check_order(&events).expect("order");
         assert_eq!(
             events,

@@ -176,6 +176,17 @@ fn timespecs(run: &Run, clk: u64) -> Vec<(i64, i64)> {
         .collect()
 }
 
+/// The next `n` lines of `rrctest clock`'s output, "sec nsec" each.
+fn printed_timespecs(lines: &mut std::str::Lines<'_>, n: usize) -> Vec<(i64, i64)> {
+    lines
+        .take(n)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').expect("sec nsec");
+            (a.parse().expect("sec"), b.parse().expect("nsec"))
+        })
+        .collect()
+}
+
 #[test]
 fn vdso_clock_reads_are_recorded() {
     let run = record_prog(&["clock", "5"]);
@@ -195,14 +206,7 @@ fn vdso_clock_reads_are_recorded() {
         }
     }
     let mut lines = run.stdout.lines();
-    let printed: Vec<(i64, i64)> = lines
-        .by_ref()
-        .take(5)
-        .map(|l| {
-            let (a, b) = l.split_once(' ').expect("sec nsec");
-            (a.parse().expect("sec"), b.parse().expect("nsec"))
-        })
-        .collect();
+    let printed = printed_timespecs(&mut lines, 5);
     let recorded = timespecs(&run, libc::CLOCK_MONOTONIC as u64);
     assert!(
         recorded.windows(5).any(|w| w == printed.as_slice()),
@@ -389,22 +393,30 @@ fn futex_wakes_precede_the_waits_they_end() {
     assert!(woken > 0, "the mutex was never contended");
 }
 
-#[test]
-fn attach_to_a_running_multithreaded_process() {
-    let mut child = std::process::Command::new(prog())
-        .args(["spin", "400"])
-        .stdout(std::process::Stdio::piped())
+/// Starts `rrctest spin <ms>` (four threads spinning for `ms` milliseconds) with `stdout`, and
+/// returns once all four run (or after about a second).
+fn spawn_spinners(ms: &str, stdout: std::process::Stdio) -> std::process::Child {
+    let child = std::process::Command::new(prog())
+        .args(["spin", ms])
+        .stdout(stdout)
         .spawn()
         .expect("spawn");
-    let mut out = child.stdout.take().expect("stdout");
     let pid = child.id() as i32;
-    // Attach once all four threads run (they spin for 400 ms).
     for _ in 0..200 {
         if crate::procfs::task_ids(pid).map(|t| t.len()).unwrap_or(0) == 4 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    child
+}
+
+#[test]
+fn attach_to_a_running_multithreaded_process() {
+    // Attach once all four threads run (they spin for 400 ms).
+    let mut child = spawn_spinners("400", std::process::Stdio::piped());
+    let mut out = child.stdout.take().expect("stdout");
+    let pid = child.id() as i32;
     std::thread::sleep(std::time::Duration::from_millis(20));
     let mut rec = crate::Recorder::new(
         crate::ptrace::Ptrace,
@@ -583,14 +595,7 @@ fn eventlog_clock_reads_equal_what_the_program_printed() {
         })
         .collect();
     let mut lines = run.stdout.lines();
-    let printed: Vec<(i64, i64)> = lines
-        .by_ref()
-        .take(5)
-        .map(|l| {
-            let (a, b) = l.split_once(' ').expect("sec nsec");
-            (a.parse().expect("sec"), b.parse().expect("nsec"))
-        })
-        .collect();
+    let printed = printed_timespecs(&mut lines, 5);
     assert!(
         mono.windows(5).any(|w| w == printed.as_slice()),
         "printed {printed:?} not among the logged {mono:?}"
@@ -709,18 +714,8 @@ fn eventlog_of_every_test_program_verifies() {
 
 #[test]
 fn eventlog_of_an_attached_process_starts_with_its_threads_alive() {
-    let mut child = std::process::Command::new(prog())
-        .args(["spin", "300"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_spinners("300", std::process::Stdio::null());
     let pid = child.id() as i32;
-    for _ in 0..200 {
-        if crate::procfs::task_ids(pid).map(|t| t.len()).unwrap_or(0) == 4 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let mut rec = crate::Recorder::new(
         crate::ptrace::Ptrace,
         EventlogSink::new(Vec::new(), "attached"),
