@@ -198,6 +198,8 @@ pub async fn cleanup_bundle(
     if let Err(e) = umount_recursive(bundle.join("rootfs").to_str(), 0) {
         tracing::warn!("unmount rootfs of {id}: {e}");
     }
+    // A replicated container's CRIU hook socket outlives a killed shim.
+    let _ = std::fs::remove_file(crate::replica::fs::socket_path(bundle));
     let pid = read_pid_file(&bundle.join(INIT_PID_FILE))
         .ok()
         .and_then(|p| u32::try_from(p).ok())
