@@ -8,7 +8,7 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
+use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,7 +19,7 @@ use containerd_shim::monitor::{ExitEvent, Subject, Topic};
 use runc::options::GlobalOpts;
 use runc::{Command, Runc, Spawner};
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::options::ShimOptions;
 
@@ -89,43 +89,75 @@ pub struct ReaperAwareSpawner;
 
 #[async_trait]
 impl Spawner for ReaperAwareSpawner {
-    async fn execute(&self, mut cmd: Command) -> runc::Result<(ExitStatus, u32, String, String)> {
-        let sub = monitor_subscribe(Topic::Pid)
+    async fn execute(&self, cmd: Command) -> runc::Result<(ExitStatus, u32, String, String)> {
+        let (pid, out) = spawn_and_wait(cmd, None)
             .await
-            .map_err(|e| runc::error::Error::Other(Box::new(e)))?;
-        let sub_id = sub.id;
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = monitor_unsubscribe(sub_id).await;
-                return Err(runc::error::Error::ProcessSpawnFailed(e));
-            }
-        };
-        let Some(pid) = child.id() else {
-            let _ = monitor_unsubscribe(sub_id).await;
-            return Err(runc::error::Error::ProcessSpawnFailed(
-                std::io::Error::other("spawned command has no pid"),
-            ));
-        };
-        let (stdout, stderr, code) = tokio::join!(
-            read_all(child.stdout.take()),
-            read_all(child.stderr.take()),
-            wait_for_exit(pid, sub)
-        );
-        // The monitor reports an exit code (128+n for a signal); ExitStatus wants a wait status.
-        let status = if code > 128 && code < 128 + 65 {
-            ExitStatus::from_raw(code - 128)
-        } else {
-            ExitStatus::from_raw((code & 0xff) << 8)
-        };
-        Ok((status, pid, stdout, stderr))
+            .map_err(runc::error::Error::ProcessSpawnFailed)?;
+        Ok((
+            out.status,
+            pid,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 }
 
-async fn read_all<R: AsyncRead + Unpin>(r: Option<R>) -> String {
-    let mut out = String::new();
+/// Runs `cmd` to its end without losing its exit status to the shim's reaper: subscribes to
+/// the exit monitor, spawns, writes `input` to its stdin (then closes it) if given, reads the
+/// streams the caller piped to their ends, and waits for the monitor to report the exit.
+/// Returns the pid and the output.
+pub async fn spawn_and_wait(
+    mut cmd: tokio::process::Command,
+    input: Option<&[u8]>,
+) -> std::io::Result<(u32, Output)> {
+    let sub = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sub_id = sub.id;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = monitor_unsubscribe(sub_id).await;
+            return Err(e);
+        }
+    };
+    let Some(pid) = child.id() else {
+        let _ = monitor_unsubscribe(sub_id).await;
+        return Err(std::io::Error::other("spawned command has no pid"));
+    };
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        if let Err(e) = stdin.write_all(input).await {
+            tracing::warn!("writing to a child's stdin: {e}");
+        }
+    }
+    let (stdout, stderr, code) = tokio::join!(
+        read_all(child.stdout.take()),
+        read_all(child.stderr.take()),
+        wait_for_exit(pid, sub)
+    );
+    Ok((
+        pid,
+        Output {
+            status: exit_status(code),
+            stdout,
+            stderr,
+        },
+    ))
+}
+
+/// The exit monitor's code (128+n for a signal) as an [`ExitStatus`] (a wait status).
+pub fn exit_status(code: i32) -> ExitStatus {
+    if code > 128 && code < 128 + 65 {
+        ExitStatus::from_raw(code - 128)
+    } else {
+        ExitStatus::from_raw((code & 0xff) << 8)
+    }
+}
+
+async fn read_all<R: AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
+    let mut out = Vec::new();
     if let Some(mut r) = r {
-        if let Err(e) = r.read_to_string(&mut out).await {
+        if let Err(e) = r.read_to_end(&mut out).await {
             tracing::warn!("reading a child's output: {e}");
         }
     }

@@ -46,9 +46,15 @@ fn queue_number(id: &str) -> u16 {
     u16::try_from(1000 + h % 1000).unwrap_or(1000)
 }
 
+/// The NFQUEUE numbers of a container's output hold and of its inbound gate.
+fn queues(id: &str) -> (u16, u16) {
+    let queue = queue_number(id);
+    (queue, queue + 1000)
+}
+
 /// The iptables rules of a container's output hold (OUTPUT) and inbound gate (INPUT).
 fn hold_rules(id: &str) -> Vec<Vec<String>> {
-    let queue = queue_number(id);
+    let (queue, gate_queue) = queues(id);
     vec![
         nfqueue_rule(None, queue),
         [
@@ -59,7 +65,7 @@ fn hold_rules(id: &str) -> Vec<Vec<String>> {
             "-j",
             "NFQUEUE",
             "--queue-num",
-            &(queue + 1000).to_string(),
+            &gate_queue.to_string(),
         ]
         .map(String::from)
         .to_vec(),
@@ -84,26 +90,27 @@ pub async fn remove_stale_rules(ctx: &ReplicaCtx) {
     }
 }
 
+/// Binds NFQUEUE `queue` in `netns` (on a blocking thread: the hold's thread enters the
+/// namespace); `what` says what for, in the error.
+async fn bind(netns: &Path, queue: u16, what: &str) -> Result<OutputHold> {
+    let netns = netns.to_path_buf();
+    tokio::task::spawn_blocking(move || OutputHold::bind(&netns, queue))
+        .await
+        .map_err(|e| Error::Other(format!("rrc: cannot {what}: {e}")))?
+        .map_err(|e| Error::Other(format!("rrc: cannot {what}: {e}")))
+}
+
 /// Starts holding the container's outputs (call before `runc start`, so nothing leaves
 /// unaccounted) and the epoch loop. Fails, with nothing left behind, if the hold cannot be set
 /// up.
 pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
-    let queue = queue_number(&ctx.id);
-    let netns = ctx.setup.netns.clone();
-    let hold = tokio::task::spawn_blocking(move || OutputHold::bind(&netns, queue))
-        .await
-        .map_err(|e| Error::Other(format!("output hold: {e}")))?
-        .map_err(|e| Error::Other(format!("rrc: cannot hold the container's outputs: {e}")))?;
+    let (queue, gate_queue) = queues(&ctx.id);
+    let hold = bind(&ctx.setup.netns, queue, "hold the container's outputs").await?;
     // Unpaired until the backup answers: outputs flow.
     hold.release_all();
     // The inbound gate: CRIU's network lock, done by the shim (see `super::fs`). It passes
     // everything except while CRIU dumps the sockets.
-    let gate_queue = queue + 1000;
-    let netns = ctx.setup.netns.clone();
-    let gate = tokio::task::spawn_blocking(move || OutputHold::bind(&netns, gate_queue))
-        .await
-        .map_err(|e| Error::Other(format!("inbound gate: {e}")))?
-        .map_err(|e| Error::Other(format!("rrc: cannot gate the container's inputs: {e}")))?;
+    let gate = bind(&ctx.setup.netns, gate_queue, "gate the container's inputs").await?;
     gate.release_all();
     let rules = hold_rules(&ctx.id);
 
