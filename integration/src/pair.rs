@@ -1,5 +1,6 @@
-//! A replicated redis in passive mode on a test bed, for the failover tests, the demo and the
-//! benchmark: a backup shim on `backup`, the primary on `primary`, the container's network
+//! A replicated server (redis by default; memcached and lighttpd too) on a test bed, in passive
+//! or hybrid mode, for the failover tests, the recording tests, the demo and the benchmark: a
+//! backup shim on `backup`, the primary on `primary`, the container's network
 //! namespace on each side (`svc`, `svcb`), clients on `client`. Killing the primary cuts
 //! `svc`'s link first (nothing more leaves), then SIGKILLs its shim and container.
 
@@ -27,7 +28,38 @@ pub const PORT: u16 = 6379;
 /// The SYN-ACK waits one epoch, then one more epoch must commit: three epochs of the default 1 s.
 pub const CONNECTIONS_SETTLE: Duration = Duration::from_secs(3);
 
-/// A replicated redis on a test bed: hosts `client`, `primary`, `backup` (each of the last two
+/// A server the pair replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// redis (mostly single-threaded), on [`PORT`].
+    Redis,
+    /// memcached with 4 worker threads, on 11211.
+    Memcached,
+    /// lighttpd serving static files, on 80.
+    Lighttpd,
+}
+
+impl Workload {
+    /// The server's TCP port.
+    pub fn port(self) -> u16 {
+        match self {
+            Workload::Redis => PORT,
+            Workload::Memcached => 11211,
+            Workload::Lighttpd => 80,
+        }
+    }
+
+    /// The local image's name.
+    pub fn image(self) -> &'static str {
+        match self {
+            Workload::Redis => "redis",
+            Workload::Memcached => "memcached",
+            Workload::Lighttpd => "lighttpd",
+        }
+    }
+}
+
+/// A replicated server on a test bed: hosts `client`, `primary`, `backup` (each of the last two
 /// with its own containerd), and the container's network namespace on each side: `svc`
 /// (198.18.0.13, the service address) and `svcb` (on the same switch, no address until a
 /// failover moves it there).
@@ -38,6 +70,10 @@ pub struct Pair {
     pub key: PathBuf,
     /// redis keeps an append-only file (in the container's writable layer).
     pub aof: bool,
+    /// The server.
+    pub workload: Workload,
+    /// `io.containerd.rrc.mode` on both sides (None: the default, passive).
+    pub mode: Option<String>,
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
@@ -75,6 +111,8 @@ impl Pair {
             bed,
             key,
             aof: false,
+            workload: Workload::Redis,
+            mode: None,
         })
     }
 
@@ -83,9 +121,9 @@ impl Pair {
         self.bed.host(name)
     }
 
-    /// The service address (redis on the container's address).
+    /// The service address (the server on the container's address).
     pub fn service(&self) -> SocketAddr {
-        SocketAddr::new(self.host("svc").ip().into(), PORT)
+        SocketAddr::new(self.host("svc").ip().into(), self.workload.port())
     }
 
     /// The `ctr run` arguments of one side.
@@ -97,6 +135,10 @@ impl Pair {
             args.push("--annotation".into());
             args.push(a.clone());
         }
+        if let Some(mode) = &self.mode {
+            args.push("--annotation".into());
+            args.push(format!("io.containerd.rrc.mode={mode}"));
+        }
         args.push("--annotation".into());
         args.push(format!(
             "io.containerd.rrc.auth-key-file={}",
@@ -104,8 +146,30 @@ impl Pair {
         ));
         args.push("--with-ns".into());
         args.push(format!("network:{}", netns.netns_path().display()));
-        args.push(image("redis"));
+        args.push(image(self.workload.image()));
         args.push(ID.into());
+        match self.workload {
+            Workload::Redis => {}
+            Workload::Memcached => {
+                args.extend(
+                    [
+                        "/usr/bin/memcached",
+                        "-u",
+                        "memcache",
+                        "-t",
+                        "4",
+                        "-m",
+                        "64",
+                        "-U",
+                        "0",
+                    ]
+                    .map(String::from),
+                );
+                return args;
+            }
+            // The image's own command: lighttpd -D -f /etc/lighttpd/lighttpd.conf.
+            Workload::Lighttpd => return args,
+        }
         args.extend(
             [
                 "/usr/bin/redis-server",
