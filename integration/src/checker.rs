@@ -35,6 +35,9 @@ pub struct ConnReport {
     pub max_stall: Duration,
     /// Why the connection stopped early, if it did.
     pub error: Option<String>,
+    /// Every byte this connection sent, in order (what the server must have received: the
+    /// hybrid-mode tests compare it with the recorded log).
+    pub sent: Vec<u8>,
 }
 
 /// Everything the checker saw.
@@ -88,7 +91,7 @@ fn set_key(conn: usize, i: u64) -> String {
 
 /// A TCP connection made from inside a network namespace: this thread enters it, so the socket
 /// belongs to it for good.
-fn connect_in(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
+pub fn connect_in(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
     let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
     // SAFETY: setns with a valid netns descriptor; it moves only the calling thread, which is a
     // thread of our own that only does this connection's work.
@@ -105,13 +108,19 @@ fn connect_in(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Sends one command and reads its one-line reply.
-fn call(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, cmd: &[&str]) -> Result<String> {
+/// Sends one command (appending its bytes to `sent`) and reads its one-line reply.
+fn call(
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    cmd: &[&str],
+    sent: &mut Vec<u8>,
+) -> Result<String> {
     let mut req = format!("*{}\r\n", cmd.len());
     for a in cmd {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
     stream.write_all(req.as_bytes()).context("send")?;
+    sent.extend_from_slice(req.as_bytes());
     let mut line = String::new();
     let n = reader.read_line(&mut line).context("receive")?;
     if n == 0 {
@@ -148,9 +157,14 @@ fn run_conn(netns: PathBuf, addr: SocketAddr, conn: usize, stop: Arc<AtomicBool>
         let value = r.sets.to_string();
         r.in_flight = true;
         let reply = if incr {
-            call(&mut stream, &mut reader, &["INCR", &counter])
+            call(&mut stream, &mut reader, &["INCR", &counter], &mut r.sent)
         } else {
-            call(&mut stream, &mut reader, &["SET", &key, &value])
+            call(
+                &mut stream,
+                &mut reader,
+                &["SET", &key, &value],
+                &mut r.sent,
+            )
         };
         let reply = match reply {
             Ok(line) => line,
@@ -227,7 +241,7 @@ pub fn verify(netns: &Path, addr: SocketAddr, report: &Report) -> Result<Vec<Str
         let mut stream = connect_in(&netns, addr)?;
         let mut reader = BufReader::new(stream.try_clone()?);
         for c in &report.conns {
-            let got = call(&mut stream, &mut reader, &["GET", &counter_key(c.conn)])?;
+            let got = call(&mut stream, &mut reader, &["GET", &counter_key(c.conn)], &mut Vec::new())?;
             let value = if got == "$-1" {
                 0
             } else {
@@ -249,7 +263,7 @@ pub fn verify(netns: &Path, addr: SocketAddr, report: &Report) -> Result<Vec<Str
                     .collect();
                 let mut cmd = vec!["MGET"];
                 cmd.extend(keys.iter().map(String::as_str));
-                let head = call(&mut stream, &mut reader, &cmd)?;
+                let head = call(&mut stream, &mut reader, &cmd, &mut Vec::new())?;
                 let n: usize = head
                     .strip_prefix('*')
                     .and_then(|n| n.parse().ok())

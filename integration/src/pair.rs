@@ -230,7 +230,8 @@ impl Pair {
         Ok(())
     }
 
-    /// Starts backup and primary, and waits until the primary is protected.
+    /// Starts backup and primary, and waits until the primary is protected and its server
+    /// accepts connections from the client host.
     pub fn start(&self) -> Result<()> {
         self.start_backup()?;
         self.start_primary()?;
@@ -239,7 +240,20 @@ impl Pair {
             &["protected"],
             Duration::from_secs(30),
         )?;
-        Ok(())
+        self.wait_serving()
+    }
+
+    /// Waits until the server accepts a connection from the client host.
+    pub fn wait_serving(&self) -> Result<()> {
+        let netns = self.host("client").netns_path();
+        let addr = self.service();
+        wait_for(Duration::from_secs(30), || {
+            let netns = netns.clone();
+            std::thread::spawn(move || crate::checker::connect_in(&netns, addr).map(drop))
+                .join()
+                .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+        })
+        .with_context(|| self.host("primary").containerd_log_tail())
     }
 
     /// Kills the primary host's part: the link first (nothing more leaves), then the shim and

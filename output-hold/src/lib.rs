@@ -14,8 +14,10 @@
 //! retransmits them later: an output is never released early.
 //!
 //! This crate owns the queue and the rule; it knows nothing of checkpoints, logs or the channel.
+//! Its NFQUEUE client ([`netlink`]) is also what the recorder's ingress log binds (whole
+//! packets instead of metadata).
 
-mod netlink;
+pub mod netlink;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -71,8 +73,13 @@ pub struct Stats {
     pub released: AtomicU64,
 }
 
+/// Where a hold reads the current tag from, besides [`OutputHold::set_tag`]: hybrid mode tags
+/// each packet with the recorder's log position, published in memory it shares with the shim.
+pub type TagSource = Box<dyn Fn() -> u64 + Send + Sync>;
+
 struct Control {
     tag: AtomicU64,
+    source: std::sync::OnceLock<TagSource>,
     released: AtomicU64,
     /// Everything passes, whatever its tag (no backup to wait for).
     passthrough: AtomicBool,
@@ -82,6 +89,14 @@ struct Control {
 }
 
 impl Control {
+    fn current_tag(&self) -> u64 {
+        let tag = self.tag.load(Ordering::SeqCst);
+        match self.source.get() {
+            Some(f) => tag.max(f()),
+            None => tag,
+        }
+    }
+
     fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
@@ -156,6 +171,7 @@ impl OutputHold {
         }
         let control = Arc::new(Control {
             tag: AtomicU64::new(0),
+            source: std::sync::OnceLock::new(),
             released: AtomicU64::new(0),
             passthrough: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -224,9 +240,16 @@ impl OutputHold {
         self.control.tag.fetch_max(tag, Ordering::SeqCst);
     }
 
+    /// Also tags each arriving packet with what `source` returns when the hold receives it
+    /// (the larger of that and [`set_tag`](Self::set_tag)'s tag). Set once; a second call
+    /// returns false and changes nothing.
+    pub fn set_tag_source(&self, source: TagSource) -> bool {
+        self.control.source.set(source).is_ok()
+    }
+
     /// The current tag.
     pub fn tag(&self) -> u64 {
-        self.control.tag.load(Ordering::SeqCst)
+        self.control.current_tag()
     }
 
     /// Releases every held packet tagged at most `tag`, and those arriving later with such tags.
@@ -364,7 +387,7 @@ fn hold_loop(mut q: NfQueue, c: &Control) {
         if let Err(e) = q.recv_ids(&mut ids) {
             tracing::warn!("output hold: receiving packets: {e}");
         }
-        let tag = c.tag.load(Ordering::SeqCst);
+        let tag = c.current_tag();
         c.stats
             .queued
             .fetch_add(u64::try_from(ids.len()).unwrap_or(0), Ordering::SeqCst);

@@ -1,6 +1,7 @@
-//! A minimal NFQUEUE client over netfilter netlink: bind a queue, receive packet ids, and release
-//! them with one batch verdict (every packet up to an id). Only packet metadata is copied to user
-//! space (`NFQNL_COPY_META`): the hold never looks at payloads.
+//! A minimal NFQUEUE client over netfilter netlink: bind a queue, receive packet ids (or, bound
+//! with [`NfQueue::bind_copy`], ids and packets), and release them with one batch verdict
+//! (every packet up to an id). The output hold copies only metadata (`NFQNL_COPY_META`): it
+//! never looks at payloads; the recorder's ingress log copies whole packets.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -10,6 +11,7 @@ const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_CONFIG: u16 = 2;
 const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQA_PACKET_HDR: u16 = 1;
+const NFQA_PAYLOAD: u16 = 10;
 const NFQA_VERDICT_HDR: u16 = 2;
 const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
@@ -19,6 +21,7 @@ const NFQA_CFG_FLAGS: u16 = 5;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
 const NFQNL_CFG_CMD_UNBIND: u8 = 2;
 const NFQNL_COPY_META: u8 = 1;
+const NFQNL_COPY_PACKET: u8 = 2;
 const NFQA_CFG_F_GSO: u32 = 4;
 const NF_ACCEPT: u32 = 1;
 const NLM_F_REQUEST: u16 = 1;
@@ -90,6 +93,17 @@ impl NfQueue {
     /// Opens a netfilter netlink socket in the calling thread's network namespace and binds
     /// queue `queue`, metadata only, holding up to `max_len` packets.
     pub fn bind(queue: u16, max_len: u32) -> std::io::Result<NfQueue> {
+        NfQueue::bind_mode(queue, max_len, None)
+    }
+
+    /// Like [`bind`](Self::bind), but every packet is copied to user space whole (up to
+    /// 65535 bytes: GSO packets arrive whole); receive them with
+    /// [`recv_packets`](Self::recv_packets).
+    pub fn bind_copy(queue: u16, max_len: u32) -> std::io::Result<NfQueue> {
+        NfQueue::bind_mode(queue, max_len, Some(0xffff))
+    }
+
+    fn bind_mode(queue: u16, max_len: u32, copy: Option<u32>) -> std::io::Result<NfQueue> {
         // SAFETY: plain socket(2); the result is checked and owned below.
         let raw = check(unsafe {
             libc::socket(
@@ -132,14 +146,18 @@ impl NfQueue {
         let mut q = NfQueue {
             fd,
             queue,
-            buf: vec![0u8; 256 * 1024],
+            buf: vec![0u8; if copy.is_some() { 1 << 20 } else { 256 * 1024 }],
         };
         // Unbind first: a queue left bound by a dead holder would refuse the bind.
         let _ = q.config_cmd(NFQNL_CFG_CMD_UNBIND);
         q.config_cmd(NFQNL_CFG_CMD_BIND)?;
-        // copy_range (u32 BE) + copy_mode: metadata only.
-        let mut params = 0u32.to_be_bytes().to_vec();
-        params.push(NFQNL_COPY_META);
+        // copy_range (u32 BE) + copy_mode: metadata only, or whole packets.
+        let mut params = copy.unwrap_or(0).to_be_bytes().to_vec();
+        params.push(if copy.is_some() {
+            NFQNL_COPY_PACKET
+        } else {
+            NFQNL_COPY_META
+        });
         q.request(Msg::new(NFQNL_MSG_CONFIG, NLM_F_ACK, queue).attr(NFQA_CFG_PARAMS, &params))?;
         q.request(
             Msg::new(NFQNL_MSG_CONFIG, NLM_F_ACK, queue)
@@ -233,6 +251,36 @@ impl NfQueue {
         }
     }
 
+    /// Receives every queued packet available now (non-blocking), appending (id, packet) to
+    /// `out`; for a queue bound with [`bind_copy`](Self::bind_copy).
+    pub fn recv_packets(&mut self, out: &mut Vec<(u32, Vec<u8>)>) -> std::io::Result<()> {
+        loop {
+            let n = match self.recv_raw() {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut off = 0;
+            while off + NLMSG_HDRLEN <= n {
+                let b = &self.buf[off..n];
+                let len =
+                    usize::try_from(u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+                if len < NLMSG_HDRLEN || len > b.len() {
+                    break;
+                }
+                let kind = u16::from_ne_bytes([b[4], b[5]]);
+                if kind == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET) {
+                    let body = &b[NLMSG_HDRLEN..len];
+                    if let Some(id) = packet_id(body) {
+                        let data = attribute(body, NFQA_PAYLOAD).unwrap_or_default();
+                        out.push((id, data.to_vec()));
+                    }
+                }
+                off += align4(len);
+            }
+        }
+    }
+
     /// Accepts every queued packet with an id up to `id`, in one message.
     pub fn accept_upto(&self, id: u32) -> std::io::Result<()> {
         let mut hdr = NF_ACCEPT.to_be_bytes().to_vec();
@@ -245,6 +293,23 @@ impl Drop for NfQueue {
     fn drop(&mut self) {
         let _ = self.config_cmd(NFQNL_CFG_CMD_UNBIND);
     }
+}
+
+/// The data of attribute `want` in an NFQNL_MSG_PACKET body (after the nfgenmsg header).
+fn attribute(body: &[u8], want: u16) -> Option<&[u8]> {
+    let mut off = 4;
+    while off + 4 <= body.len() {
+        let len = usize::from(u16::from_ne_bytes([body[off], body[off + 1]]));
+        let kind = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > body.len() {
+            return None;
+        }
+        if kind == want {
+            return Some(&body[off + 4..off + len]);
+        }
+        off += align4(len);
+    }
+    None
 }
 
 /// The packet id in an NFQNL_MSG_PACKET body (after the nfgenmsg header).
@@ -292,5 +357,21 @@ mod tests {
         assert_eq!(packet_id(&body), Some(258));
         assert_eq!(packet_id(&body[..10]), None);
         assert_eq!(packet_id(&[0, 0, 0, 7, 255, 255, 1, 0]), None);
+
+        // The payload attribute after the header; absent in a metadata-only message.
+        let mut with_payload = body.clone();
+        with_payload.extend_from_slice(&7u16.to_ne_bytes());
+        with_payload.extend_from_slice(&NFQA_PAYLOAD.to_ne_bytes());
+        with_payload.extend_from_slice(&[0x45, 0, 9, 0]);
+        assert_eq!(
+            attribute(&with_payload, NFQA_PAYLOAD),
+            Some(&[0x45, 0, 9][..])
+        );
+        assert_eq!(attribute(&body, NFQA_PAYLOAD), None);
+        // A length running past the end is refused, not read.
+        let mut bad = body.clone();
+        bad.extend_from_slice(&200u16.to_ne_bytes());
+        bad.extend_from_slice(&NFQA_PAYLOAD.to_ne_bytes());
+        assert_eq!(attribute(&bad, NFQA_PAYLOAD), None);
     }
 }

@@ -242,6 +242,12 @@ pub trait Sink {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Every attached thread has been announced ([`Event::Attached`]) and is still stopped:
+    /// called once per attach, before any of them resumes.
+    fn attached(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<S: Sink + ?Sized> Sink for &mut S {
@@ -250,6 +256,9 @@ impl<S: Sink + ?Sized> Sink for &mut S {
     }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn attached(&mut self) -> io::Result<()> {
+        (**self).attached()
     }
 }
 

@@ -90,6 +90,8 @@ pub struct SinkStats {
     /// What the recorder reported as not recordable (not in the log: format v1 has no kind for
     /// it).
     pub unrecordable: Vec<String>,
+    /// Ingress packets appended ([`EventlogSink::ingress`]).
+    pub ingress: u64,
 }
 
 #[derive(Debug)]
@@ -198,6 +200,25 @@ impl<W: Write> EventlogSink<W> {
             Out::Writing(w) => w.finish().map_err(log_err),
             _ => Err(failed()),
         }
+    }
+
+    /// Appends a packet that entered the container's network namespace (logged before its
+    /// kernel processes it). Returns false, appending nothing, while the segment is not open
+    /// yet (the recorder is still attaching): the caller keeps the packet and tries again.
+    pub fn ingress(&mut self, packet: &[u8]) -> io::Result<bool> {
+        let Out::Writing(w) = &mut self.out else {
+            return match self.out {
+                Out::Waiting(..) => Ok(false),
+                _ => Err(failed()),
+            };
+        };
+        let event = rrc_eventlog::Event::IngressPacket {
+            bytes: packet.to_vec(),
+        };
+        w.append(Thread::NONE, 0, &event).map_err(log_err)?;
+        self.stats.records += 1;
+        self.stats.ingress += 1;
+        Ok(true)
     }
 
     /// Opens the segment with the threads announced so far, if not done yet.
@@ -539,6 +560,11 @@ impl<W: Write> Sink for EventlogSink<W> {
                 Ok(())
             }
         }
+    }
+
+    /// Opens the segment now: every attached thread is announced.
+    fn attached(&mut self) -> io::Result<()> {
+        self.open()
     }
 
     /// Ends the segment (the recording is over) and flushes the output.

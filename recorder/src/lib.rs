@@ -91,10 +91,12 @@ pub mod capture;
 pub mod event;
 pub mod eventlog;
 pub mod launch;
+pub mod position;
 pub mod procfs;
 pub mod profile;
 pub mod ptrace;
 pub mod recorder;
+pub mod stream;
 pub mod syscalls;
 pub mod vdso;
 

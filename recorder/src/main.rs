@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] [--container-id ID] [--no-vdso] [--no-rdtsc]
+//! rrc-recorder --pid PID --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]
 //! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
 //! rrc-recorder --merge-profile [SECCOMP.json]
 //! rrc-recorder verify [--records] FILE
@@ -11,6 +12,11 @@
 //! then continued) and records until every traced thread has exited; the process's seccomp
 //! filter must already trace the syscalls (the shim puts the merged profile into the OCI spec).
 //! `--exec` starts CMD under the recorder's own filter and exits with CMD's status.
+//! With `--position-file` (how the shim runs it for a replicated container) each record is
+//! written to FILE with one `write` and the output's length is then published in that file
+//! (see `rrc_recorder::position`), which also says when every thread is attached; with
+//! `--ingress-queue N --netns PATH` the packets entering that network namespace through
+//! NFQUEUE N are logged in the same order before the kernel gets them.
 //! `--merge-profile` prints the OCI `linux.seccomp` profile merged with the recorder's rules
 //! (from the given file, or for a container without a profile) and a report on stderr.
 //! Events are written to FILE (`-` for stdout) as rrc's event log (`--format eventlog`, the
@@ -27,6 +33,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use rrc_recorder::event::{ExitKind, Sink};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rrc_recorder::position::SharedPosition;
+use rrc_recorder::stream::{spawn_ingress, StreamSink};
 use rrc_recorder::{launch, profile, EventlogSink, JsonLinesSink, Options, Recorder, Summary};
 
 struct StderrLogger;
@@ -79,10 +90,15 @@ struct Args {
     no_rdtsc: bool,
     exec: Vec<OsString>,
     merge_profile: Option<Option<String>>,
+    position_file: Option<String>,
+    ingress_queue: Option<u16>,
+    netns: Option<String>,
 }
 
 const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] \
      [--container-id ID] [--no-vdso] [--no-rdtsc]\n       \
+     rrc-recorder --pid PID --out FILE --position-file FILE [--ingress-queue N --netns PATH] \
+     [--container-id ID] [--cpu N]\n       \
      rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] \
      [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
      rrc-recorder --merge-profile [SECCOMP.json]\n       \
@@ -110,6 +126,15 @@ fn parse_args() -> Result<Args> {
             }
             "--container-id" => args.container_id = Some(value("--container-id")?),
             "--cpu" => args.cpu = Some(value("--cpu")?.parse().context("--cpu")?),
+            "--position-file" => args.position_file = Some(value("--position-file")?),
+            "--ingress-queue" => {
+                args.ingress_queue = Some(
+                    value("--ingress-queue")?
+                        .parse()
+                        .context("--ingress-queue")?,
+                )
+            }
+            "--netns" => args.netns = Some(value("--netns")?),
             "--no-vdso" => args.no_vdso = true,
             "--no-rdtsc" => args.no_rdtsc = true,
             "--merge-profile" => {
@@ -264,6 +289,12 @@ fn run() -> Result<ExitCode> {
     if let Some(cpu) = args.cpu {
         launch::pin_current_thread(cpu).context("pinning")?;
     }
+    if let Some(position) = &args.position_file {
+        return record_streaming(&args, pid, position, opts);
+    }
+    if args.ingress_queue.is_some() || args.netns.is_some() {
+        bail!("--ingress-queue and --netns need --position-file\n{USAGE}");
+    }
     let summary = with_sink(&args, format!("pid-{pid}"), &mut |sink| {
         let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, sink, opts);
         rec.attach(pid)?;
@@ -273,6 +304,62 @@ fn run() -> Result<ExitCode> {
         events = summary.events,
         syscalls = summary.syscalls,
         "recording done"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--pid` with `--position-file`: the recording of a replicated container.
+fn record_streaming(args: &Args, pid: i32, position: &str, opts: Options) -> Result<ExitCode> {
+    if args.format != Format::Eventlog {
+        bail!("--position-file needs --format eventlog");
+    }
+    let out: Box<dyn Write + Send> = match args.out.as_deref() {
+        None => bail!("--out FILE is required\n{USAGE}"),
+        Some("-") => Box::new(io::stdout()),
+        Some(path) => Box::new(File::create(path).with_context(|| format!("creating {path}"))?),
+    };
+    let position = Arc::new(
+        SharedPosition::open(std::path::Path::new(position))
+            .with_context(|| format!("opening the position file {position}"))?,
+    );
+    position.set_pid(u64::from(std::process::id()));
+    let id = args.container_id.clone().unwrap_or(format!("pid-{pid}"));
+    let mut sink = StreamSink::new(out, &id, position);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ingress = match (args.ingress_queue, &args.netns) {
+        (Some(queue), Some(netns)) => Some(spawn_ingress(
+            std::path::Path::new(netns),
+            queue,
+            sink.log(),
+            stop.clone(),
+        )?),
+        (None, None) => None,
+        _ => bail!("--ingress-queue and --netns go together\n{USAGE}"),
+    };
+    let result = {
+        let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, &mut sink, opts);
+        rec.attach(pid)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(rec.run()?))
+    };
+    stop.store(true, Ordering::SeqCst);
+    if let Some(t) = ingress {
+        let _ = t.join();
+    }
+    let stats = sink.stats();
+    let summary = result?;
+    if !stats.unrecordable.is_empty() {
+        eprintln!(
+            "rrc-recorder: {} event(s) could not be recorded and are not in the log:",
+            stats.unrecordable.len()
+        );
+        for what in &stats.unrecordable {
+            eprintln!("  {what}");
+        }
+    }
+    eprintln!(
+        "rrc-recorder: recording of {id} ended: {} records ({} ingress packets), {} syscalls",
+        stats.records, stats.ingress, summary.syscalls
     );
     Ok(ExitCode::SUCCESS)
 }

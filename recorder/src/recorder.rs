@@ -377,6 +377,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 .collect();
             self.patch_vdso(tgid, tgid, &avoid)?;
         }
+        self.sink.attached().map_err(RecordError::Sink)?;
         for pid in std::mem::take(&mut self.resume_after_attach) {
             if let Err(e) = self.tracer.kill(pid, libc::SIGCONT) {
                 tracing::warn!(pid, "SIGCONT after attach: {e}");

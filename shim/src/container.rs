@@ -283,7 +283,11 @@ impl Container {
                     self.init.status = Status::RUNNING;
                     return Ok(self.init.pid);
                 }
-                r.handle = Some(replica::primary::start(ctx).await?);
+                r.handle = Some(if self.config.mode == Mode::Hybrid {
+                    replica::hybrid::start(ctx, self.init.pid).await?
+                } else {
+                    replica::primary::start(ctx).await?
+                });
             }
             if let Err(e) = self.runc.start(&self.id).await {
                 if let Some(h) = self.replica.as_mut().and_then(|r| r.handle.take()) {
@@ -500,6 +504,14 @@ impl Container {
     /// Exec RPC: records a new exec process (started by Start).
     pub fn add_exec(&mut self, req: &ExecProcessRequest) -> Result<()> {
         self.refuse_standby("run an exec")?;
+        if self.config.mode == Mode::Hybrid {
+            return Err(Error::FailedPreconditionError(format!(
+                "container {} is recorded (rrc mode hybrid): an exec'd process would run outside \
+                 its recording, and the system calls its seccomp filter traces would fail; exec \
+                 is not supported in hybrid mode yet",
+                self.id
+            )));
+        }
         if self.execs.contains_key(&req.exec_id) {
             return Err(crate::task::status(
                 containerd_shim::protos::ttrpc::Code::ALREADY_EXISTS,

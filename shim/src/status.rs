@@ -253,8 +253,27 @@ pub struct ReplicaStatus {
     /// Failovers, oldest first (at most [`MAX_FAILOVERS`]).
     #[serde(default)]
     pub failovers: Vec<FailoverRecord>,
+    /// Hybrid mode: the event log's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogFigures>,
     /// When the shim last wrote this status, ms since the Unix epoch.
     pub updated_unix_ms: u64,
+}
+
+/// Hybrid mode: where the container's event log stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogFigures {
+    /// Bytes the recorder wrote (primary) or the backup stored.
+    pub bytes: u64,
+    /// Bytes the backup acknowledged (primary only).
+    #[serde(default)]
+    pub acked_bytes: u64,
+    /// Outgoing packets released so far (primary only).
+    #[serde(default)]
+    pub packets_released: u64,
+    /// Outgoing packets held right now (primary only).
+    #[serde(default)]
+    pub packets_held: u64,
 }
 
 impl ReplicaStatus {
@@ -274,6 +293,7 @@ impl ReplicaStatus {
             last_checkpoint: None,
             checkpoints: 0,
             failovers: Vec::new(),
+            log: None,
             updated_unix_ms: unix_ms_now(),
         }
     }

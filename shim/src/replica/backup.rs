@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 use containerd_shim::protos::events::task::TaskStart;
 use rrc_channel::{Channel, ChannelError, Role as ChannelRole};
 use rrc_checkpoint::{Piece, RestoreOptions, RestoreStdio, Store};
+use rrc_config::Mode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 
 use super::net::{self, ServiceAddr};
-use super::wire::{Control, STREAM_CHECKPOINT, STREAM_CONTROL};
+use super::wire::{decode_log, Control, STREAM_CHECKPOINT, STREAM_CONTROL, STREAM_LOG};
 use super::{channel_config, checkpointer, ReplicaCtx, ReplicaHandle, StatusFile, STORE_DIR};
 use crate::container::Container;
 use crate::io::{replica_streams, Stdio};
@@ -97,6 +98,52 @@ pub async fn start(ctx: BackupCtx) -> containerd_shim::Result<ReplicaHandle> {
     Ok(ReplicaHandle::new(tx, task))
 }
 
+/// Hybrid mode: the event log received from the primary, appended in order to
+/// [`super::hybrid::RECEIVED_LOG_FILE`] in the bundle and acknowledged once written.
+struct ReceivedLog {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    len: u64,
+}
+
+impl ReceivedLog {
+    fn new(bundle: &std::path::Path) -> ReceivedLog {
+        ReceivedLog {
+            path: bundle.join(super::hybrid::RECEIVED_LOG_FILE),
+            file: None,
+            len: 0,
+        }
+    }
+
+    /// Appends `bytes`, which start at `offset` of the log. A primary that pairs again sends
+    /// its log from the start (offset 0): what was kept is replaced.
+    fn append(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        use std::io::Write;
+        if offset == 0 && self.len > 0 {
+            self.file = None;
+            self.len = 0;
+        }
+        if offset != self.len {
+            return Err(format!(
+                "protocol error: log bytes at offset {offset}, but {} bytes are stored: \
+                 the log would have a gap or an overlap",
+                self.len
+            ));
+        }
+        if self.file.is_none() {
+            let f = std::fs::File::create(&self.path)
+                .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
+            self.file = Some(f);
+        }
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(bytes)
+                .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
 /// How a session with a primary ended.
 enum SessionEnd {
     /// It said goodbye.
@@ -121,6 +168,7 @@ async fn run(
     );
     let mut addresses: Vec<ServiceAddr> = Vec::new();
     let mut instance: Option<u64> = None;
+    let mut log = ReceivedLog::new(&ctx.bundle);
     // Set when a primary we hold a checkpoint of was lost: fail over at this instant unless it
     // comes back.
     let mut deadline: Option<(Instant, Instant, String)> = None;
@@ -159,7 +207,7 @@ async fn run(
             Some("paired; waiting for the first checkpoint".into()),
         );
         let end = tokio::select! {
-            e = session(&mut ch, &mut store, &mut addresses, &mut instance, &mut status, &ctx) => e,
+            e = session(&mut ch, &mut store, &mut log, &mut addresses, &mut instance, &mut status, &ctx) => e,
             _ = stop.changed() => return,
         };
         store.abandon();
@@ -172,6 +220,21 @@ async fn run(
                     State::Standby,
                     Some(format!("the primary stopped: {reason}")),
                 );
+            }
+            SessionEnd::Silent(why) | SessionEnd::Broken(why)
+                if ctx.config.mode == Mode::Hybrid =>
+            {
+                let msg = format!(
+                    "lost the primary ({why}). NOT TAKING OVER: hybrid mode fails over by \
+                     replaying the log on a checkpoint, and this build has no replayer yet; \
+                     restoring without it would lose what the primary acknowledged. The log \
+                     received ({} bytes) is kept in {}; waiting for the primary to come back",
+                    log.len,
+                    log.path.display()
+                );
+                tracing::error!(id = %ctx.id, "{msg}");
+                deadline = None;
+                status.set(State::Failed, Some(msg));
             }
             SessionEnd::Silent(why) | SessionEnd::Broken(why) if store.committed().is_none() => {
                 tracing::warn!(id = %ctx.id, "lost the primary before its first checkpoint committed ({why}); nothing to take over");
@@ -203,9 +266,11 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     ch: &mut Channel,
     store: &mut Store,
+    log: &mut ReceivedLog,
     addresses: &mut Vec<ServiceAddr>,
     instance: &mut Option<u64>,
     status: &mut StatusFile,
@@ -224,8 +289,19 @@ async fn session(
                 Ok(Control::Pair {
                     addresses: a,
                     instance: i,
+                    mode,
                     ..
                 }) => {
+                    let ours = ctx.config.mode.as_str();
+                    if mode != ours {
+                        let msg = format!(
+                            "refused the primary: it runs mode {mode}, this backup mode {ours}; \
+                             set the same io.containerd.rrc.mode on both sides"
+                        );
+                        tracing::error!(id = %ctx.id, "{msg}");
+                        status.set(State::Failed, Some(msg.clone()));
+                        return SessionEnd::Goodbye(msg);
+                    }
                     if instance.is_some_and(|old| old != i) {
                         // A new run of the primary: its epochs start again.
                         tracing::info!(id = %ctx.id, "a new primary instance; dropping the previous one's checkpoint");
@@ -274,6 +350,30 @@ async fn session(
                         tracing::error!(id = %ctx.id, "refused a checkpoint from the primary: {e}");
                         return SessionEnd::Broken(format!("refused a checkpoint: {e}"));
                     }
+                }
+            }
+            STREAM_LOG if ctx.config.mode == Mode::Hybrid => {
+                let stored = decode_log(&inc.payload).and_then(|(off, b)| log.append(off, b));
+                if let Err(e) = stored {
+                    tracing::error!(id = %ctx.id, "refused the primary's log: {e}");
+                    return SessionEnd::Broken(format!("refused the log: {e}"));
+                }
+                if let Err(e) = ch.acknowledge(inc.seq).await {
+                    return SessionEnd::Broken(e.to_string());
+                }
+                let figures = status
+                    .status
+                    .log
+                    .get_or_insert_with(crate::status::LogFigures::default);
+                let first = figures.bytes == 0;
+                figures.bytes = log.len;
+                if first || status.status.state != State::InSync {
+                    status.status.mode = ctx.config.mode.as_str().to_string();
+                    status.set(State::InSync, Some("holding the primary's log".into()));
+                } else if crate::status::unix_ms_now()
+                    > status.status.updated_unix_ms.saturating_add(1000)
+                {
+                    status.save();
                 }
             }
             other => {

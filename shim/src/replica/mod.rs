@@ -7,6 +7,8 @@
 //! * [`wire`]: the control messages the pair exchanges besides checkpoint pieces.
 //! * [`net`]: the container's network namespace: addresses, the output hold's iptables rule,
 //!   taking over an address.
+//! * [`hybrid`]: hybrid mode's primary: the recorder, the log streamed to the backup, outputs
+//!   released on its acknowledgement.
 //! * [`fs`]: the container's writable layer, saved with each checkpoint and applied by the
 //!   backup.
 //! * [`runner`]: running commands (runc, CRIU, ip, iptables) without losing their exit status
@@ -18,6 +20,7 @@
 
 pub mod backup;
 pub mod fs;
+pub mod hybrid;
 pub mod net;
 pub mod primary;
 pub mod runner;
@@ -66,13 +69,6 @@ pub fn prepare(
     config: &RrcConfig,
     upper: Option<PathBuf>,
 ) -> Result<ReplicaSetup> {
-    if config.mode == Mode::Hybrid {
-        return Err(Error::InvalidArgument(
-            "rrc: mode hybrid is not supported yet by this build of containerd-shim-rrc-v2; \
-             set io.containerd.rrc.mode=passive"
-                .into(),
-        ));
-    }
     let netns = spec
         .linux()
         .as_ref()
@@ -106,6 +102,9 @@ pub fn prepare(
             key_file.display()
         ))
     })?;
+    if config.mode == Mode::Hybrid {
+        prepare_hybrid(spec, config)?;
+    }
     let conf = bundle.join(CRIU_CONFIG_FILE);
     // CRIU's own network lock is off: its nftables lock deletes its table after each dump,
     // which unregisters netfilter hooks, and the kernel then drops every packet waiting in the
@@ -147,6 +146,43 @@ pub fn prepare(
         epoch,
         upper,
     })
+}
+
+/// Hybrid mode's part of Create: checks that the recorder can run and that the policy is one
+/// hybrid mode can keep, and merges the recorder's seccomp rules into the spec's profile
+/// (`SCMP_ACT_TRACE` for the syscalls it records; the container's own denials still deny).
+fn prepare_hybrid(spec: &mut Spec, config: &RrcConfig) -> Result<()> {
+    if config.on_recorder_failure != rrc_config::RecorderFailurePolicy::Stop {
+        return Err(Error::InvalidArgument(
+            "rrc: io.containerd.rrc.on-recorder-failure=continue-unprotected is not possible in \
+             hybrid mode: the container's seccomp filter sends the recorded system calls to its \
+             recorder, and without one they fail (ENOSYS), so a container whose recorder died \
+             cannot go on correctly. Use on-recorder-failure=stop (the default) or mode passive"
+                .into(),
+        ));
+    }
+    if config.role == rrc_config::Role::Primary && hybrid::recorder_binary().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "rrc: hybrid mode needs the recorder, {}, next to containerd-shim-rrc-v2 or on \
+             containerd's PATH (make install puts both in place)",
+            hybrid::RECORDER_BIN
+        )));
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let merged = rrc_recorder::profile::merge(linux.seccomp().as_ref()).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "rrc: cannot merge the recorder's rules into the container's seccomp profile: {e}"
+        ))
+    })?;
+    for (name, why) in &merged.untraced {
+        tracing::warn!(
+            "hybrid mode: {name} is NOT recorded for this container ({why}); a replay that \
+             depends on it may diverge"
+        );
+    }
+    linux.set_seccomp(Some(merged.profile));
+    spec.set_linux(Some(linux));
+    Ok(())
 }
 
 /// What both sides' replication tasks know of their container.
@@ -256,6 +292,7 @@ impl StatusFile {
                 last_checkpoint: None,
                 checkpoints: 0,
                 failovers: Vec::new(),
+                log: None,
                 updated_unix_ms: crate::status::unix_ms_now(),
             },
         }

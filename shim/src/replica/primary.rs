@@ -47,13 +47,13 @@ fn queue_number(id: &str) -> u16 {
 }
 
 /// The NFQUEUE numbers of a container's output hold and of its inbound gate.
-fn queues(id: &str) -> (u16, u16) {
+pub(super) fn queues(id: &str) -> (u16, u16) {
     let queue = queue_number(id);
     (queue, queue + 1000)
 }
 
 /// The iptables rules of a container's output hold (OUTPUT) and inbound gate (INPUT).
-fn hold_rules(id: &str) -> Vec<Vec<String>> {
+pub(super) fn hold_rules(id: &str) -> Vec<Vec<String>> {
     let (queue, gate_queue) = queues(id);
     vec![
         nfqueue_rule(None, queue),
@@ -92,7 +92,7 @@ pub async fn remove_stale_rules(ctx: &ReplicaCtx) {
 
 /// Binds NFQUEUE `queue` in `netns` (on a blocking thread: the hold's thread enters the
 /// namespace); `what` says what for, in the error.
-async fn bind(netns: &Path, queue: u16, what: &str) -> Result<OutputHold> {
+pub(super) async fn bind(netns: &Path, queue: u16, what: &str) -> Result<OutputHold> {
     let netns = netns.to_path_buf();
     tokio::task::spawn_blocking(move || OutputHold::bind(&netns, queue))
         .await
@@ -136,7 +136,7 @@ pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
     Ok(ReplicaHandle::new(tx, task))
 }
 
-enum End {
+pub(super) enum End {
     /// The container stopped: say goodbye.
     Stopped,
     /// The backup is gone (or refused a checkpoint).
@@ -274,7 +274,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// for that long (plus a margin), then asks the network (ARP probes) whether another host
 /// answers for one of its addresses. If a probe cannot be made the answer is no: the container
 /// keeps serving, unprotected, and the error is logged.
-async fn took_over(ctx: &PrimaryCtx) -> bool {
+pub(super) async fn took_over(ctx: &PrimaryCtx) -> bool {
     tokio::time::sleep(ctx.config.failover_timeout + Duration::from_millis(100)).await;
     let addresses = match net::addresses(&ctx.setup.netns).await {
         Ok(a) => a,
@@ -306,7 +306,7 @@ async fn took_over(ctx: &PrimaryCtx) -> bool {
 
 /// Stops serving for good: the backup took over. The service addresses leave the namespace
 /// and the container is killed (containerd sees its task exit); the status says fenced.
-async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
+pub(super) async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
     if let Ok(addrs) = net::addresses(&ctx.setup.netns).await {
         if let Err(e) = net::unassign(&ctx.setup.netns, &addrs).await {
             tracing::error!(id = %ctx.id, "removing the service addresses: {e}");
@@ -329,7 +329,7 @@ async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
 }
 
 /// A number that differs between two runs of a primary, so a backup knows a new one.
-fn instance_id() -> u64 {
+pub(super) fn instance_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -367,6 +367,7 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
         addresses,
         epoch_ms: u64::try_from(ctx.setup.epoch.as_millis()).unwrap_or(u64::MAX),
         instance,
+        mode: "passive".into(),
     };
     if let Err(e) = ch.send(STREAM_CONTROL, &pair.encode()).await {
         return e.to_string();
@@ -481,7 +482,7 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -1,0 +1,440 @@
+//! Hybrid mode's record side end to end, on real containerd, runc and servers: the primary's
+//! shim starts `rrc-recorder` between `runc create` and `runc start`, streams the event log to a
+//! backup shim and releases each output once the backup acknowledged the log it depends on.
+//! The tests drive load from the client test host, then prove the log complete from the log
+//! alone: every connection's byte stream rebuilt from the recorded results is exactly what the
+//! client sent, the container-wide order is consistent (no gap, no thread out of order), and
+//! the backup holds the same log as the primary.
+//!
+//! `RRC_HYBRID_SECS=N` sets how long each load runs (default 10). Run as root after
+//! `make build`: `cargo test -p rrc-integration --test hybrid -- --nocapture`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use rrc_eventlog::{Event, Reader, Record};
+use rrc_integration::checker::{verify, Checker};
+use rrc_integration::pair::{status, wait_state, Pair, Workload, ID};
+use rrc_integration::{integration_unavailable, wait_for};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn bed(workload: Workload) -> Result<Option<(MutexGuard<'static, ()>, Pair)>> {
+    if let Some(why) = integration_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return Ok(None);
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = Pair::new()?;
+    pair.mode = Some("hybrid".into());
+    pair.workload = workload;
+    Ok(Some((serial, pair)))
+}
+
+fn load_secs() -> u64 {
+    std::env::var("RRC_HYBRID_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
+
+/// The primary's log and the backup's copy, once the backup has all of it.
+fn logs(pair: &Pair) -> Result<Vec<u8>> {
+    let primary = pair.host("primary").bundle_dir(ID).join("rrc-log");
+    let backup = pair.host("backup").bundle_dir(ID).join("rrc-log-received");
+    wait_for(Duration::from_secs(10), || {
+        let p = fs::read(&primary).with_context(|| format!("read {}", primary.display()))?;
+        let b = fs::read(&backup).with_context(|| format!("read {}", backup.display()))?;
+        ensure!(
+            p.len() == b.len(),
+            "the backup holds {} of the primary's {} log bytes",
+            b.len(),
+            p.len()
+        );
+        ensure!(p == b, "the backup's log differs from the primary's");
+        Ok(p)
+    })
+}
+
+/// What a log says: its records (decoded strictly: a bad checksum or a gap fails), the
+/// verifier's report, and the byte streams the application received.
+struct Checked {
+    records: Vec<Record>,
+    streams: rrc_eventlog::Streams,
+}
+
+fn check(log: &[u8]) -> Result<Checked> {
+    let mut reader = Reader::new(log);
+    let mut records = Vec::new();
+    while let Some(r) = reader.next().context("decoding the log")? {
+        records.push(r);
+    }
+    let report = rrc_eventlog::verify(&records);
+    ensure!(
+        report.violations.is_empty(),
+        "the log's order is inconsistent: {:?}",
+        report.violations.iter().take(5).collect::<Vec<_>>()
+    );
+    let streams = rrc_eventlog::received_streams(&records);
+    Ok(Checked { records, streams })
+}
+
+fn kinds(records: &[Record]) -> BTreeMap<&'static str, u64> {
+    let mut k = BTreeMap::new();
+    for r in records {
+        if let Record::Event(e) = r {
+            *k.entry(e.event.kind_name()).or_default() += 1;
+        }
+    }
+    k
+}
+
+/// Every connection's bytes must be one accepted stream of the log, whole.
+fn streams_match(c: &Checked, sent: &[Vec<u8>]) -> Result<()> {
+    for (i, bytes) in sent.iter().enumerate() {
+        ensure!(!bytes.is_empty(), "connection {i} sent nothing");
+        let found = c.streams.accepted().any(|s| s.data == *bytes);
+        if !found {
+            let lens: Vec<usize> = c.streams.accepted().map(|s| s.data.len()).collect();
+            bail!(
+                "connection {i}'s {} bytes are not a received stream of the log (accepted \
+                 streams' lengths: {lens:?})",
+                bytes.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A connection from the client host (its own thread enters the host's namespace).
+fn connect_in(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
+    let ns = fs::File::open(netns)?;
+    // SAFETY: setns with a valid netns descriptor; it moves only the calling thread, a thread
+    // of this test's own.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// One request on connection `c` (number `i`) and its checked reply; the bytes sent are
+/// appended to the last argument.
+type Step = fn(usize, u64, &mut TcpStream, &mut BufReader<TcpStream>, &mut Vec<u8>) -> Result<()>;
+
+/// Runs `conns` client connections for `secs`, each a loop of `step` (one request and its
+/// checked reply); returns what each sent, or the first failure.
+fn drive(
+    netns: &Path,
+    addr: SocketAddr,
+    conns: usize,
+    secs: u64,
+    step: Step,
+) -> Result<(Vec<Vec<u8>>, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let (netns, stop) = (netns.to_path_buf(), stop.clone());
+            std::thread::spawn(move || -> Result<(Vec<u8>, u64)> {
+                let mut s = connect_in(&netns, addr)?;
+                let mut r = BufReader::new(s.try_clone()?);
+                let mut sent = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    step(c, i, &mut s, &mut r, &mut sent)
+                        .with_context(|| format!("connection {c}, request {i}"))?;
+                    i += 1;
+                }
+                Ok((sent, i))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    let mut total = 0;
+    for t in threads {
+        let (bytes, n) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        sent.push(bytes);
+        total += n;
+    }
+    Ok((sent, total))
+}
+
+fn send(s: &mut TcpStream, sent: &mut Vec<u8>, req: &[u8]) -> Result<()> {
+    s.write_all(req)?;
+    sent.extend_from_slice(req);
+    Ok(())
+}
+
+/// memcached: a `set` of a key of this connection, then a `get` of it.
+fn memcached_step(
+    c: usize,
+    i: u64,
+    s: &mut TcpStream,
+    r: &mut BufReader<TcpStream>,
+    sent: &mut Vec<u8>,
+) -> Result<()> {
+    let key = format!("k{c}-{}", i % 64);
+    let value = format!("v{c}-{i}");
+    send(
+        s,
+        sent,
+        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len()).as_bytes(),
+    )?;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    ensure!(line == "STORED\r\n", "set answered {line:?}");
+    send(s, sent, format!("get {key}\r\n").as_bytes())?;
+    let mut head = String::new();
+    r.read_line(&mut head)?;
+    ensure!(
+        head == format!("VALUE {key} 0 {}\r\n", value.len()),
+        "get answered {head:?}"
+    );
+    let mut body = vec![0u8; value.len() + 2 + 5];
+    r.read_exact(&mut body)?;
+    ensure!(
+        body == format!("{value}\r\nEND\r\n").as_bytes(),
+        "get returned {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
+/// lighttpd: one kept-alive GET of the index page, the whole response checked.
+fn http_step(
+    _c: usize,
+    _i: u64,
+    s: &mut TcpStream,
+    r: &mut BufReader<TcpStream>,
+    sent: &mut Vec<u8>,
+) -> Result<()> {
+    send(
+        s,
+        sent,
+        b"GET /index.html HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n",
+    )?;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    ensure!(status.starts_with("HTTP/1.1 200"), "status {status:?}");
+    let mut len = None;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h == "\r\n" {
+            break;
+        }
+        ensure!(!h.is_empty(), "the connection closed in the headers");
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = Some(v.trim().parse::<usize>()?);
+        }
+    }
+    let len = len.context("no Content-Length")?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    ensure!(
+        String::from_utf8_lossy(&body).contains("hello from rrc lighttpd"),
+        "unexpected body"
+    );
+    Ok(())
+}
+
+/// Waits until the primary is protected and its log figures show released outputs and no
+/// held ones; returns its status.
+fn settled_status(pair: &Pair) -> Result<serde_json::Value> {
+    wait_for(Duration::from_secs(10), || {
+        let st = status(pair.host("primary"))?;
+        ensure!(st["mode"] == "hybrid", "mode {}", st["mode"]);
+        ensure!(
+            st["state"] == "protected",
+            "state {} ({})",
+            st["state"],
+            st["detail"]
+        );
+        let log = &st["log"];
+        ensure!(
+            log["acked_bytes"].as_u64().unwrap_or(0) > 0
+                && log["acked_bytes"] == log["bytes"]
+                && log["packets_released"].as_u64().unwrap_or(0) > 0
+                && log["packets_held"] == 0,
+            "log figures {log}"
+        );
+        Ok(st)
+    })
+}
+
+#[test]
+fn redis_log_is_complete_and_outputs_wait_for_the_backup() -> Result<()> {
+    let Some((_serial, pair)) = bed(Workload::Redis)? else {
+        return Ok(());
+    };
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        let netns = pair.host("client").netns_path();
+        let started = Instant::now();
+        let checker = Checker::start(&netns, pair.service(), 4);
+        std::thread::sleep(Duration::from_secs(load_secs()));
+        let report = checker.stop();
+        let secs = started.elapsed().as_secs_f64();
+        let broken = report.broken();
+        ensure!(broken.is_empty(), "connections broke: {broken:?}");
+        let missing = verify(&netns, pair.service(), &report)?;
+        ensure!(
+            missing.is_empty(),
+            "acknowledged writes missing: {missing:?}"
+        );
+        let acked = report.acknowledged();
+        ensure!(
+            acked > 100,
+            "only {acked} writes acknowledged in {secs:.1} s"
+        );
+        let st = settled_status(&pair)?;
+        let log = logs(&pair)?;
+        let c = check(&log)?;
+        let sent: Vec<Vec<u8>> = report.conns.iter().map(|c| c.sent.clone()).collect();
+        streams_match(&c, &sent)?;
+        let k = kinds(&c.records);
+        ensure!(
+            k.get("ingress-packet").copied().unwrap_or(0) > acked,
+            "fewer ingress packets than requests: {k:?}"
+        );
+        eprintln!(
+            "redis, hybrid: {acked} writes acknowledged in {secs:.1} s over 4 connections \
+             ({:.0}/s); log {} bytes, {} records {k:?}; status log {}",
+            acked as f64 / secs,
+            log.len(),
+            c.records.len(),
+            st["log"]
+        );
+        Ok(())
+    })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+#[test]
+fn memcached_with_four_threads_is_recorded_completely() -> Result<()> {
+    let Some((_serial, pair)) = bed(Workload::Memcached)? else {
+        return Ok(());
+    };
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        let netns = pair.host("client").netns_path();
+        let (sent, requests) = drive(&netns, pair.service(), 8, load_secs(), memcached_step)?;
+        ensure!(requests > 100, "only {requests} requests answered");
+        settled_status(&pair)?;
+        let log = logs(&pair)?;
+        let c = check(&log)?;
+        streams_match(&c, &sent)?;
+        let threads: std::collections::HashSet<u32> = c
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Event(e) if !matches!(e.event, Event::IngressPacket { .. }) => {
+                    Some(e.thread.tid)
+                }
+                _ => None,
+            })
+            .collect();
+        let k = kinds(&c.records);
+        ensure!(
+            threads.len() >= 5,
+            "events of only {} threads (memcached -t 4 has 4 workers besides its main \
+             thread): {k:?}",
+            threads.len()
+        );
+        ensure!(
+            k.get("sync-order").copied().unwrap_or(0) > 0,
+            "no futex order: {k:?}"
+        );
+        eprintln!(
+            "memcached -t 4, hybrid: {requests} set+get pairs over 8 connections; log {} \
+             bytes, {} records from {} threads {k:?}",
+            log.len(),
+            c.records.len(),
+            threads.len()
+        );
+        Ok(())
+    })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+#[test]
+fn lighttpd_log_is_complete() -> Result<()> {
+    let Some((_serial, pair)) = bed(Workload::Lighttpd)? else {
+        return Ok(());
+    };
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        let netns = pair.host("client").netns_path();
+        let (sent, requests) = drive(&netns, pair.service(), 4, load_secs(), http_step)?;
+        ensure!(requests > 100, "only {requests} requests answered");
+        settled_status(&pair)?;
+        let log = logs(&pair)?;
+        let c = check(&log)?;
+        streams_match(&c, &sent)?;
+        eprintln!(
+            "lighttpd, hybrid: {requests} kept-alive GETs over 4 connections; log {} bytes, \
+             {} records {:?}",
+            log.len(),
+            c.records.len(),
+            kinds(&c.records)
+        );
+        Ok(())
+    })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+#[test]
+fn a_hybrid_backup_refuses_to_take_over_without_replay() -> Result<()> {
+    let Some((_serial, pair)) = bed(Workload::Redis)? else {
+        return Ok(());
+    };
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        pair.kill_primary()?;
+        let st = wait_state(pair.host("backup"), &["failed"], Duration::from_secs(15))?;
+        let detail = st["detail"].as_str().unwrap_or_default();
+        ensure!(
+            detail.contains("NOT TAKING OVER") && detail.contains("replayer"),
+            "detail: {detail}"
+        );
+        ensure!(
+            st["failovers"].as_array().is_none_or(Vec::is_empty),
+            "a failover was recorded: {st}"
+        );
+        // Nothing was restored: the service address stays off the backup's namespace.
+        let out = pair
+            .host("svcb")
+            .command("ip")
+            .args(["-4", "addr", "show", "dev", "eth0"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            !text.contains(&pair.host("svc").ip().to_string()),
+            "the backup took the service address: {text}"
+        );
+        Ok(())
+    })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
