@@ -435,19 +435,25 @@ fn received_streams_are_rebuilt_per_descriptor_and_connection() {
         ev(11, T1, read(5, b"second")),
         // Not the read family.
         ev(12, T1, result(1, vec![5, 0x10, 3], 3, &[(0x10, b"nop")])),
+        // The second connection ends; fd 5 is then reused for a file (open is not in the
+        // log): its data is a stream of its own, not more of the connection's.
+        ev(13, T1, read(5, b"")),
+        ev(14, T1, read(5, b"1 (server) R")),
     ];
     assert!(verify(&records).is_ok());
     let streams = received_streams(&records);
     assert!(streams.problems.is_empty(), "{:?}", streams.problems);
     let mine: Vec<_> = streams.of(1, 5).collect();
-    assert_eq!(mine.len(), 2);
+    assert_eq!(mine.len(), 3);
+    assert_eq!(mine[2].data, b"1 (server) R");
+    assert_eq!(mine[2].accepted_at, None);
     assert_eq!(mine[0].data, b"GET /index\r\n\n");
     assert_eq!(mine[0].accepted_at, Some(1));
     assert_eq!(mine[0].reads, 4);
     assert!(mine[0].eof);
     assert_eq!(mine[1].data, b"second");
     assert_eq!(mine[1].accepted_at, Some(10));
-    assert!(!mine[1].eof);
+    assert!(mine[1].eof);
     let theirs: Vec<_> = streams.of(20, 5).collect();
     assert_eq!(theirs.len(), 1);
     assert_eq!(theirs[0].data, b"other");

@@ -580,6 +580,9 @@ impl StreamRebuilder {
                     return;
                 };
                 let i = match self.current.get(&(tgid, fd)) {
+                    // Data after end of stream: the descriptor was closed and reused for
+                    // something else (`close` and `open` are not in the log).
+                    Some(&i) if self.out.streams[i].eof && *ret > 0 => self.open(tgid, fd, None),
                     Some(&i) => i,
                     None => self.open(tgid, fd, None),
                 };
@@ -637,7 +640,9 @@ impl StreamRebuilder {
 /// Rebuilds, per file descriptor of each process, the bytes the application received through
 /// `read`, `readv`, `recvfrom` and `recvmsg` results: the first `ret` bytes of each result's
 /// writes (the format puts a read's data first). Peeks (`MSG_PEEK`) and failed calls are left
-/// out; a descriptor returned by `accept`/`accept4` starts a new stream. Threads of a process
+/// out; a descriptor returned by `accept`/`accept4` starts a new stream, and so does data read
+/// from a descriptor after it reported end of stream (it was closed and reused: `close` and
+/// `open` are not in the log). Threads of a process
 /// share its descriptors. Not covered: `recvmmsg` (datagrams), `pread`/`preadv` (files),
 /// `MSG_TRUNC` reads on stream sockets (their discarded bytes are reported missing), and data
 /// that never reaches user memory (`splice`, `sendfile`).

@@ -13,6 +13,7 @@
 
 pub mod checker;
 pub mod cri;
+pub mod load;
 pub mod pair;
 pub mod testbed;
 

@@ -49,6 +49,38 @@ impl Workload {
         }
     }
 
+    /// The command line given to `ctr run` after the image and id, for memcached and lighttpd
+    /// (redis's depends on the pair's options: see [`Pair::run_args`]). Both servers stay root:
+    /// CRIU reads a process's resource limits (`prlimit`), which needs CAP_SYS_RESOURCE for a
+    /// process of another user, and this platform's bounding set lacks it, so a server that
+    /// switched to an unprivileged user cannot be checkpointed here.
+    pub fn command(self) -> Vec<String> {
+        match self {
+            Workload::Redis => Vec::new(),
+            Workload::Memcached => [
+                "/usr/bin/memcached",
+                "-u",
+                "root",
+                "-t",
+                "4",
+                "-m",
+                "64",
+                "-U",
+                "0",
+            ]
+            .map(String::from)
+            .to_vec(),
+            Workload::Lighttpd => [
+                "/bin/sh",
+                "-c",
+                "sed -e /server.username/d -e /server.groupname/d /etc/lighttpd/lighttpd.conf \
+                 > /tmp/lighttpd.conf && exec /usr/sbin/lighttpd -D -f /tmp/lighttpd.conf",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+
     /// The local image's name.
     pub fn image(self) -> &'static str {
         match self {
@@ -148,27 +180,9 @@ impl Pair {
         args.push(format!("network:{}", netns.netns_path().display()));
         args.push(image(self.workload.image()));
         args.push(ID.into());
-        match self.workload {
-            Workload::Redis => {}
-            Workload::Memcached => {
-                args.extend(
-                    [
-                        "/usr/bin/memcached",
-                        "-u",
-                        "memcache",
-                        "-t",
-                        "4",
-                        "-m",
-                        "64",
-                        "-U",
-                        "0",
-                    ]
-                    .map(String::from),
-                );
-                return args;
-            }
-            // The image's own command: lighttpd -D -f /etc/lighttpd/lighttpd.conf.
-            Workload::Lighttpd => return args,
+        if self.workload != Workload::Redis {
+            args.extend(self.workload.command());
+            return args;
         }
         args.extend(
             [

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] [--container-id ID] [--no-vdso] [--no-rdtsc]
-//! rrc-recorder --pid PID --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]
+//! rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]
 //! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
 //! rrc-recorder --merge-profile [SECCOMP.json]
 //! rrc-recorder verify [--records] FILE
@@ -15,6 +15,8 @@
 //! With `--position-file` (how the shim runs it for a replicated container) each record is
 //! written to FILE with one `write` and the output's length is then published in that file
 //! (see `rrc_recorder::position`), which also says when every thread is attached; with
+//! `--pid-fifo FIFO` the pid to attach to is read from FIFO (what the shim's OCI
+//! `createRuntime` hook writes, before runc installs the container's seccomp filter); with
 //! `--ingress-queue N --netns PATH` the packets entering that network namespace through
 //! NFQUEUE N are logged in the same order before the kernel gets them.
 //! `--merge-profile` prints the OCI `linux.seccomp` profile merged with the recorder's rules
@@ -91,14 +93,15 @@ struct Args {
     exec: Vec<OsString>,
     merge_profile: Option<Option<String>>,
     position_file: Option<String>,
+    pid_fifo: Option<String>,
     ingress_queue: Option<u16>,
     netns: Option<String>,
 }
 
 const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] \
      [--container-id ID] [--no-vdso] [--no-rdtsc]\n       \
-     rrc-recorder --pid PID --out FILE --position-file FILE [--ingress-queue N --netns PATH] \
-     [--container-id ID] [--cpu N]\n       \
+     rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE \
+     [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]\n       \
      rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] \
      [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
      rrc-recorder --merge-profile [SECCOMP.json]\n       \
@@ -127,6 +130,7 @@ fn parse_args() -> Result<Args> {
             "--container-id" => args.container_id = Some(value("--container-id")?),
             "--cpu" => args.cpu = Some(value("--cpu")?.parse().context("--cpu")?),
             "--position-file" => args.position_file = Some(value("--position-file")?),
+            "--pid-fifo" => args.pid_fifo = Some(value("--pid-fifo")?),
             "--ingress-queue" => {
                 args.ingress_queue = Some(
                     value("--ingress-queue")?
@@ -283,8 +287,14 @@ fn run() -> Result<ExitCode> {
         );
         return Ok(exit_code(summary.root_exit));
     }
-    let Some(pid) = args.pid else {
-        bail!("one of --pid, --exec or --merge-profile is required\n{USAGE}");
+    let pid = match (args.pid, &args.pid_fifo) {
+        (Some(pid), None) => pid,
+        (None, Some(fifo)) if args.position_file.is_some() => read_pid(fifo)?,
+        (None, Some(_)) => bail!("--pid-fifo needs --position-file\n{USAGE}"),
+        (Some(_), Some(_)) => bail!("--pid and --pid-fifo exclude each other\n{USAGE}"),
+        (None, None) => {
+            bail!("one of --pid, --pid-fifo, --exec or --merge-profile is required\n{USAGE}")
+        }
     };
     if let Some(cpu) = args.cpu {
         launch::pin_current_thread(cpu).context("pinning")?;
@@ -306,6 +316,19 @@ fn run() -> Result<ExitCode> {
         "recording done"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for a pid (decimal text) written to the FIFO at `path`.
+fn read_pid(path: &str) -> Result<i32> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{path} gave {:?}, not a pid", text.trim()))?;
+    if pid <= 0 {
+        bail!("{path} gave pid {pid}");
+    }
+    Ok(pid)
 }
 
 /// `--pid` with `--position-file`: the recording of a replicated container.

@@ -75,6 +75,8 @@ pub struct Replication {
     pub runc_binary: String,
     /// runc's root for this container (namespace included).
     pub runc_root: PathBuf,
+    /// Hybrid mode's recorder, started at Create, until Start hands it to the replication.
+    pub recorder: Option<replica::hybrid::Recorder>,
 }
 
 fn spec_shares_pid_ns(spec: &Spec) -> bool {
@@ -142,6 +144,7 @@ impl Container {
                     opts.binary_name.clone()
                 },
                 runc_root: crate::runc::runc_root(&opts, &bundle).join(namespace),
+                recorder: None,
             })
         };
         let standby = replica.as_ref().is_some_and(|r| r.standby);
@@ -165,6 +168,19 @@ impl Container {
         let mut init = Process::new(&req.id, stdio.clone(), None);
         let pid_file = bundle.join(INIT_PID_FILE);
         let replicated = replica.is_some();
+        let mut replica = replica;
+        // Hybrid mode's recorder waits for runc create's hook to name the init.
+        if let Some(r) = replica.as_mut() {
+            if config.mode == Mode::Hybrid && !standby {
+                match replica::hybrid::spawn(&bundle, &req.id, &r.setup.netns).await {
+                    Ok(rec) => r.recorder = Some(rec),
+                    Err(e) => {
+                        let _ = umount_recursive(rootfs.to_str(), 0);
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let created = async {
             if standby {
                 // A backup runs nothing until it takes over.
@@ -213,6 +229,9 @@ impl Container {
         }
         .await;
         if let Err(e) = created {
+            if let Some(rec) = replica.as_ref().and_then(|r| r.recorder.as_ref()) {
+                rec.kill();
+            }
             init.io.close().await;
             let _ = runc
                 .delete(&req.id, Some(&DeleteOpts { force: true }))
@@ -283,8 +302,8 @@ impl Container {
                     self.init.status = Status::RUNNING;
                     return Ok(self.init.pid);
                 }
-                r.handle = Some(if self.config.mode == Mode::Hybrid {
-                    replica::hybrid::start(ctx, self.init.pid).await?
+                r.handle = Some(if let Some(rec) = r.recorder.take() {
+                    replica::hybrid::start(ctx, rec).await?
                 } else {
                     replica::primary::start(ctx).await?
                 });

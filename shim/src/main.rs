@@ -248,6 +248,30 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.get(1).is_some_and(|a| a == "recorder-hook") {
+        // Run by runc as a createRuntime hook in hybrid mode (see rrc_shim::replica::hybrid):
+        // hands the container's init to its recorder and waits until it is seized.
+        let (Some(fifo), Some(position)) = (args.get(2), args.get(3)) else {
+            eprintln!("usage: containerd-shim-rrc-v2 recorder-hook FIFO POSITION_FILE");
+            return ExitCode::from(2);
+        };
+        let mut state = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut state) {
+            eprintln!("containerd-shim-rrc-v2 recorder-hook: reading the OCI state: {e}");
+            return ExitCode::FAILURE;
+        }
+        return match rrc_shim::replica::hybrid::run_hook(
+            std::path::Path::new(fifo),
+            std::path::Path::new(position),
+            &state,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("containerd-shim-rrc-v2 recorder-hook: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.get(1).is_some_and(|a| a == "status") {
         return status_main(args.get(2..).unwrap_or_default());
     }

@@ -2,8 +2,12 @@
 //! acknowledgement (issue 4; design in `docs/hybrid-mode.md`).
 //!
 //! ```text
-//! runc create ─ rrc-recorder --pid INIT (a process of its own) seizes every thread
-//!            ─ the shim waits until it says "attached" (the position file), then runc start
+//! Create     ─ the shim starts rrc-recorder --pid-fifo FIFO (a process of its own), waiting
+//! runc create ─ its createRuntime hook (containerd-shim-rrc-v2 recorder-hook) hands the
+//!              recorder the init's pid and waits until every thread is seized (the position
+//!              file says so): before runc installs the seccomp filter, so no traced system
+//!              call of runc's own init ever runs without its tracer
+//! Start      ─ output hold and ingress rule, then runc start
 //! recorder   ─ one write per record into a pipe, then publishes the log's length
 //! shim       ─ pipe → rrc-log (the local copy) → stream 2 of the channel → backup
 //! backup     ─ appends to rrc-log-received, acknowledges the message
@@ -29,7 +33,7 @@
 //! one hybrid mode accepts (see `prepare`).
 
 use std::collections::VecDeque;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -41,6 +45,7 @@ use containerd_shim::{Error, Result};
 use rrc_channel::{Channel, Role as ChannelRole};
 use rrc_output_hold::OutputHold;
 use rrc_recorder::position::{SharedPosition, STATE_ATTACHED, STATE_ENDED};
+
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
 
@@ -132,23 +137,150 @@ async fn remove_stale_ingress_rule(ctx: &ReplicaCtx) {
 /// The recorder's end: its exit code as the shim's monitor reports it (128+n for signal n).
 type Exit = Option<i32>;
 
-/// Starts recording and replicating a created container whose init is `init_pid`: the output
-/// hold, the recorder (attached before this returns, so `runc start` may follow), the ingress
-/// log, and the replication task. Fails, with nothing left running, if any of it cannot start.
-pub async fn start(ctx: ReplicaCtx, init_pid: i32) -> Result<ReplicaHandle> {
+/// The FIFO the recorder reads the init's pid from, in the bundle.
+pub const PID_FIFO: &str = "rrc-recorder-pid";
+
+/// A recorder started at Create, waiting for (then attached to) the container's init.
+pub struct Recorder {
+    streams: Option<Streams>,
+    pid: i32,
+    exit: watch::Receiver<Exit>,
+    position: Arc<SharedPosition>,
+    position_path: PathBuf,
+}
+
+impl Recorder {
+    /// Whether it has seized every thread of the init.
+    pub fn attached(&self) -> bool {
+        self.position.state() == STATE_ATTACHED
+    }
+
+    /// Kills it (Create failed: the container will not run).
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The OCI hook that hands the recorder the init's pid: runc runs `createRuntime` hooks after
+/// it created the init process and before the init installs the seccomp filter.
+pub fn hook(bundle: &Path) -> Result<oci_spec::runtime::Hook> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Other(format!("rrc: cannot find the shim's own binary: {e}")))?;
+    oci_spec::runtime::HookBuilder::default()
+        .path(exe)
+        .args(vec![
+            "containerd-shim-rrc-v2".to_string(),
+            "recorder-hook".to_string(),
+            bundle.join(PID_FIFO).display().to_string(),
+            bundle.join(POSITION_FILE).display().to_string(),
+        ])
+        .timeout(i64::try_from(ATTACH_TIMEOUT.as_secs()).unwrap_or(10) + 5)
+        .build()
+        .map_err(|e| Error::Other(format!("rrc: the recorder's hook: {e}")))
+}
+
+/// `containerd-shim-rrc-v2 recorder-hook FIFO POSITION`, run by runc as a `createRuntime`
+/// hook with the container's state on stdin: writes the init's pid to the recorder's FIFO and
+/// waits until the recorder has seized it.
+pub fn run_hook(fifo: &Path, position: &Path, state: &str) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct OciState {
+        pid: i32,
+    }
+    let st: OciState = serde_json::from_str(state)
+        .map_err(|e| format!("the OCI state on stdin has no pid: {e}"))?;
+    let pos = SharedPosition::open(position).map_err(|e| format!("{}: {e}", position.display()))?;
+    // Non-blocking open: with no reader (the recorder is gone) this fails instead of hanging.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .map_err(|e| {
+            format!(
+                "cannot reach the recorder through {}: {e} (is rrc-recorder running?)",
+                fifo.display()
+            )
+        })?;
+    std::io::Write::write_all(&mut f, format!("{}\n", st.pid).as_bytes())
+        .map_err(|e| format!("writing to {}: {e}", fifo.display()))?;
+    drop(f);
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    while pos.state() != STATE_ATTACHED {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the recorder did not attach to pid {} within {ATTACH_TIMEOUT:?}",
+                st.pid
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Starts the recorder for a container about to be created (`runc create` follows; its hook
+/// names the init). The recorder runs as a process of its own, watched by the shim's exit
+/// monitor; it logs the packets entering `netns` too.
+pub async fn spawn(bundle: &Path, id: &str, netns: &Path) -> Result<Recorder> {
     let bin = recorder_binary().ok_or_else(|| {
         Error::Other(format!(
             "rrc: hybrid mode needs {RECORDER_BIN} next to the shim or on PATH (make install)"
         ))
     })?;
-    let (queue, _) = queues(&ctx.id);
-    let hold = bind(&ctx.setup.netns, queue, "hold the container's outputs").await?;
-    hold.release_all();
-    let position_path = ctx.bundle.join(POSITION_FILE);
+    let position_path = bundle.join(POSITION_FILE);
     let position = Arc::new(
         SharedPosition::create(&position_path)
             .map_err(|e| Error::Other(format!("rrc: {}: {e}", position_path.display())))?,
     );
+    let fifo = bundle.join(PID_FIFO);
+    let _ = std::fs::remove_file(&fifo);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| Error::Other(format!("rrc: mkfifo {}: {e}", fifo.display())))?;
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("--pid-fifo")
+        .arg(&fifo)
+        .args(["--out", "-", "--position-file"])
+        .arg(&position_path)
+        .args(["--container-id", id, "--ingress-queue"])
+        .arg(ingress_queue(id).to_string())
+        .arg("--netns")
+        .arg(netns)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (streams, pid, exit) = spawn_recorder(cmd)
+        .await
+        .map_err(|e| Error::Other(format!("rrc: the recorder: {e}")))?;
+    Ok(Recorder {
+        streams: Some(streams),
+        pid,
+        exit,
+        position,
+        position_path,
+    })
+}
+
+/// Starts replicating a created container whose recorder is attached: the output hold, the
+/// ingress log's rule, and the replication task. Fails, with nothing left running, if any of
+/// it cannot start.
+pub async fn start(ctx: ReplicaCtx, mut recorder: Recorder) -> Result<ReplicaHandle> {
+    if !recorder.attached() {
+        recorder.kill();
+        let exited = *recorder.exit.borrow();
+        let why = match exited {
+            Some(code) => format!("it exited ({})", describe_exit(code)),
+            None => "it is still waiting".to_string(),
+        };
+        return Err(Error::Other(format!(
+            "rrc: the recorder never attached to the container ({why}); see the shim's log"
+        )));
+    }
+    let (queue, _) = queues(&ctx.id);
+    let hold = bind(&ctx.setup.netns, queue, "hold the container's outputs").await?;
+    hold.release_all();
+    let position = recorder.position.clone();
     let p = position.clone();
     hold.set_tag_source(Box::new(move || p.written()));
 
@@ -157,53 +289,33 @@ pub async fn start(ctx: ReplicaCtx, init_pid: i32) -> Result<ReplicaHandle> {
     let out_rule = hold_rules(&ctx.id).swap_remove(0);
     let mut add = vec!["-A".to_string()];
     add.extend(out_rule.iter().cloned());
-    net::iptables(&ctx.setup.netns, &add)
-        .await
-        .map_err(|e| Error::Other(format!("rrc: cannot install the output hold's rule: {e}")))?;
-
-    let mut cmd = tokio::process::Command::new(&bin);
-    cmd.arg("--pid")
-        .arg(init_pid.to_string())
-        .args(["--out", "-", "--position-file"])
-        .arg(&position_path)
-        .args(["--container-id", &ctx.id, "--ingress-queue"])
-        .arg(ingress_queue(&ctx.id).to_string())
-        .arg("--netns")
-        .arg(&ctx.setup.netns)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = spawn_recorder(cmd, &position).await;
-    let (child_out, pid, exit) = match started {
-        Ok(s) => s,
-        Err(e) => {
-            remove_rules(&ctx, &out_rule, false).await;
-            return Err(Error::Other(format!("rrc: the recorder: {e}")));
-        }
-    };
+    if let Err(e) = net::iptables(&ctx.setup.netns, &add).await {
+        recorder.kill();
+        return Err(Error::Other(format!(
+            "rrc: cannot install the output hold's rule: {e}"
+        )));
+    }
+    let pid = recorder.pid;
     if let Err(e) = raw_rule(&ctx.setup.netns, "-A", &ingress_rule(&ctx.id)).await {
-        // The recorder ends with the container (EXITKILL would kill it): stop it first.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        recorder.kill();
         remove_rules(&ctx, &out_rule, false).await;
         return Err(Error::Other(format!(
             "rrc: cannot install the ingress log's rule: {e}"
         )));
     }
-    tracing::info!(id = %ctx.id, recorder = pid, "recorder attached to {init_pid}");
+    let Some((out, err)) = recorder.streams.take() else {
+        return Err(Error::Other(
+            "rrc: the recorder's streams were taken".into(),
+        ));
+    };
+    tracing::info!(id = %ctx.id, recorder = pid, position = %recorder.position_path.display(), "recorder attached");
 
     let log_path = ctx.bundle.join(LOG_FILE);
     let (stored_tx, stored_rx) = watch::channel(0u64);
-    let reader = tokio::spawn(copy_log(
-        child_out.0,
-        log_path.clone(),
-        stored_tx,
-        ctx.id.clone(),
-    ));
-    tokio::spawn(forward_stderr(child_out.1, ctx.id.clone()));
+    let reader = tokio::spawn(copy_log(out, log_path.clone(), stored_tx, ctx.id.clone()));
+    tokio::spawn(forward_stderr(err, ctx.id.clone()));
     let (tx, rx) = watch::channel(false);
+    let exit = recorder.exit.clone();
     let parts = Parts {
         ctx,
         hold,
@@ -221,11 +333,10 @@ pub async fn start(ctx: ReplicaCtx, init_pid: i32) -> Result<ReplicaHandle> {
 
 type Streams = (tokio::process::ChildStdout, tokio::process::ChildStderr);
 
-/// Spawns the recorder with the shim's exit monitor watching it, and waits until it has
-/// attached; returns its streams, pid, and a watch of its exit.
+/// Spawns the recorder with the shim's exit monitor watching it; returns its streams, pid,
+/// and a watch of its exit.
 async fn spawn_recorder(
     mut cmd: tokio::process::Command,
-    position: &SharedPosition,
 ) -> std::result::Result<(Streams, i32, watch::Receiver<Exit>), String> {
     let sub = monitor_subscribe(Topic::Pid)
         .await
@@ -247,37 +358,11 @@ async fn spawn_recorder(
         let code = crate::runc::wait_for_exit(pid, sub).await;
         let _ = exit_tx.send(Some(code));
     });
-    let (Some(out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err("its streams were not piped".into());
     };
     let pid = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-    let deadline = Instant::now() + ATTACH_TIMEOUT;
-    loop {
-        if position.state() == STATE_ATTACHED {
-            return Ok(((out, err), pid, exit_rx));
-        }
-        let exited = *exit_rx.borrow();
-        if let Some(code) = exited {
-            let mut text = String::new();
-            let _ = tokio::time::timeout(Duration::from_millis(200), err.read_to_string(&mut text))
-                .await;
-            return Err(format!(
-                "it exited ({}) before attaching: {}",
-                describe_exit(code),
-                text.trim()
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(format!(
-                "it did not attach within {ATTACH_TIMEOUT:?}; killed it"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    Ok(((out, err), pid, exit_rx))
 }
 
 fn describe_exit(code: i32) -> String {

@@ -103,7 +103,7 @@ pub fn prepare(
         ))
     })?;
     if config.mode == Mode::Hybrid {
-        prepare_hybrid(spec, config)?;
+        prepare_hybrid(bundle, spec, config)?;
     }
     let conf = bundle.join(CRIU_CONFIG_FILE);
     // CRIU's own network lock is off: its nftables lock deletes its table after each dump,
@@ -151,7 +151,7 @@ pub fn prepare(
 /// Hybrid mode's part of Create: checks that the recorder can run and that the policy is one
 /// hybrid mode can keep, and merges the recorder's seccomp rules into the spec's profile
 /// (`SCMP_ACT_TRACE` for the syscalls it records; the container's own denials still deny).
-fn prepare_hybrid(spec: &mut Spec, config: &RrcConfig) -> Result<()> {
+fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<()> {
     if config.on_recorder_failure != rrc_config::RecorderFailurePolicy::Stop {
         return Err(Error::InvalidArgument(
             "rrc: io.containerd.rrc.on-recorder-failure=continue-unprotected is not possible in \
@@ -182,6 +182,15 @@ fn prepare_hybrid(spec: &mut Spec, config: &RrcConfig) -> Result<()> {
     }
     linux.set_seccomp(Some(merged.profile));
     spec.set_linux(Some(linux));
+    if config.role == rrc_config::Role::Primary {
+        // The recorder must seize the init before runc installs the filter: a traced system
+        // call with no tracer fails (ENOSYS), and runc's own init makes some.
+        let mut hooks = spec.hooks().clone().unwrap_or_default();
+        let mut create_runtime = hooks.create_runtime().clone().unwrap_or_default();
+        create_runtime.push(hybrid::hook(bundle)?);
+        hooks.set_create_runtime(Some(create_runtime));
+        spec.set_hooks(Some(hooks));
+    }
     Ok(())
 }
 
