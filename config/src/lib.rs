@@ -73,7 +73,12 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         key: "on-recorder-failure",
         default: "stop",
-        help: "what the primary does if its recorder dies: stop (stop the container) or continue-unprotected (keep serving, unreplicated)",
+        help: "what the primary does if its recorder dies: stop (stop the container) or continue-unprotected (keep serving, unreplicated; refused in hybrid mode, where a container cannot run without its recorder)",
+    },
+    KeyDoc {
+        key: "recorder-cpu",
+        default: "(none: not pinned)",
+        help: "hybrid mode: a CPU number; the recorder and the container are pinned to it (a recorded system call costs several times more when the recorder wakes on another CPU than its container)",
     },
 ];
 
@@ -310,6 +315,8 @@ pub struct RrcConfig {
     pub failover_timeout: Duration,
     /// What to do if the recorder dies.
     pub on_recorder_failure: RecorderFailurePolicy,
+    /// Hybrid mode: the CPU the recorder and the container are pinned to.
+    pub recorder_cpu: Option<u32>,
     /// Where each explicitly set key came from, for reports.
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -326,6 +333,7 @@ impl Default for RrcConfig {
             heartbeat: Duration::from_millis(50),
             failover_timeout: Duration::from_millis(500),
             on_recorder_failure: RecorderFailurePolicy::Stop,
+            recorder_cpu: None,
             sources: BTreeMap::new(),
         }
     }
@@ -443,6 +451,25 @@ impl RrcConfig {
                             ))
                         }
                     }
+                }
+                "recorder-cpu" => {
+                    let cpu: u32 = v.parse().map_err(|_| {
+                        invalid(
+                            key,
+                            value,
+                            source,
+                            "expected a CPU number (0, 1, ...)".into(),
+                        )
+                    })?;
+                    if cpu >= 1024 {
+                        return Err(invalid(
+                            key,
+                            value,
+                            source,
+                            "CPU numbers go up to 1023".into(),
+                        ));
+                    }
+                    cfg.recorder_cpu = Some(cpu);
                 }
                 // `known_key` only lets through the keys in KEYS, all handled above.
                 other => {

@@ -222,6 +222,7 @@ fn every_key_is_documented_and_parsed() {
         ("heartbeat-ms", "50"),
         ("failover-timeout-ms", "500"),
         ("on-recorder-failure", "continue-unprotected"),
+        ("recorder-cpu", "1"),
     ]
     .into_iter()
     .collect();
@@ -236,4 +237,14 @@ fn every_key_is_documented_and_parsed() {
         load(&ann(&pairs)).unwrap_or_else(|e| panic!("{}: {e}", doc.key));
     }
     assert_eq!(valid.len(), KEYS.len());
+}
+
+#[test]
+fn recorder_cpu_is_a_cpu_number() {
+    let cfg = load(&ann(&[("recorder-cpu", "3")])).expect("valid");
+    assert_eq!(cfg.recorder_cpu, Some(3));
+    for bad in ["-1", "one", "1024"] {
+        let err = load(&ann(&[("recorder-cpu", bad)])).expect_err(bad);
+        assert!(err.to_string().contains("recorder-cpu"), "{err}");
+    }
 }

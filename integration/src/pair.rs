@@ -106,6 +106,8 @@ pub struct Pair {
     pub workload: Workload,
     /// `io.containerd.rrc.mode` on both sides (None: the default, passive).
     pub mode: Option<String>,
+    /// More annotations for both sides (`KEY=VALUE`).
+    pub annotations: Vec<String>,
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
@@ -145,6 +147,7 @@ impl Pair {
             aof: false,
             workload: Workload::Redis,
             mode: None,
+            annotations: Vec::new(),
         })
     }
 
@@ -170,6 +173,10 @@ impl Pair {
         if let Some(mode) = &self.mode {
             args.push("--annotation".into());
             args.push(format!("io.containerd.rrc.mode={mode}"));
+        }
+        for a in &self.annotations {
+            args.push("--annotation".into());
+            args.push(a.clone());
         }
         args.push("--annotation".into());
         args.push(format!(

@@ -71,6 +71,8 @@ pub struct Stats {
     pub queued: AtomicU64,
     /// Packets released.
     pub released: AtomicU64,
+    /// Nanoseconds released packets spent held, summed (from the hold's receipt to its verdict).
+    pub held_ns: AtomicU64,
 }
 
 /// Where a hold reads the current tag from, besides [`OutputHold::set_tag`]: hybrid mode tags
@@ -291,6 +293,15 @@ impl OutputHold {
         self.control.stats.released.load(Ordering::SeqCst)
     }
 
+    /// Mean time a released packet spent held, in microseconds (0 before any release).
+    pub fn mean_hold_us(&self) -> f64 {
+        let n = self.released();
+        if n == 0 {
+            return 0.0;
+        }
+        self.control.stats.held_ns.load(Ordering::SeqCst) as f64 / n as f64 / 1000.0
+    }
+
     /// Packets held right now.
     pub fn held(&self) -> u64 {
         self.queued().saturating_sub(self.released())
@@ -344,8 +355,8 @@ pub fn nfqueue_rule(interface: Option<&str>, queue: u16) -> Vec<String> {
 }
 
 fn hold_loop(mut q: NfQueue, c: &Control) {
-    // (packet id, tag), in arrival (= id) order.
-    let mut held: VecDeque<(u32, u64)> = VecDeque::new();
+    // (packet id, tag, arrival), in arrival (= id) order.
+    let mut held: VecDeque<(u32, u64, std::time::Instant)> = VecDeque::new();
     let mut ids = Vec::new();
     loop {
         let mut fds = [
@@ -391,7 +402,8 @@ fn hold_loop(mut q: NfQueue, c: &Control) {
         c.stats
             .queued
             .fetch_add(u64::try_from(ids.len()).unwrap_or(0), Ordering::SeqCst);
-        held.extend(ids.iter().map(|&id| (id, tag)));
+        let now = std::time::Instant::now();
+        held.extend(ids.iter().map(|&id| (id, tag, now)));
 
         let released = if c.passthrough.load(Ordering::SeqCst) {
             u64::MAX
@@ -400,14 +412,20 @@ fn hold_loop(mut q: NfQueue, c: &Control) {
         };
         let mut last = None;
         let mut n = 0u64;
-        while let Some(&(id, t)) = held.front() {
+        let mut waited = 0u128;
+        let released_at = std::time::Instant::now();
+        while let Some(&(id, t, at)) = held.front() {
             if t > released {
                 break;
             }
             last = Some(id);
             n += 1;
+            waited += released_at.duration_since(at).as_nanos();
             held.pop_front();
         }
+        c.stats
+            .held_ns
+            .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::SeqCst);
         if let Some(id) = last {
             match q.accept_upto(id) {
                 Ok(()) => {

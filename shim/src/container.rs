@@ -172,7 +172,9 @@ impl Container {
         // Hybrid mode's recorder waits for runc create's hook to name the init.
         if let Some(r) = replica.as_mut() {
             if config.mode == Mode::Hybrid && !standby {
-                match replica::hybrid::spawn(&bundle, &req.id, &r.setup.netns).await {
+                match replica::hybrid::spawn(&bundle, &req.id, &r.setup.netns, config.recorder_cpu)
+                    .await
+                {
                     Ok(rec) => r.recorder = Some(rec),
                     Err(e) => {
                         let _ = umount_recursive(rootfs.to_str(), 0);

@@ -274,6 +274,10 @@ pub struct LogFigures {
     /// Outgoing packets held right now (primary only).
     #[serde(default)]
     pub packets_held: u64,
+    /// Mean time an outgoing packet waited for the backup's acknowledgement, in
+    /// microseconds (primary only).
+    #[serde(default)]
+    pub mean_hold_us: f64,
 }
 
 impl ReplicaStatus {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use rrc_integration::load::{self, Memcached, MixConfig};
-use rrc_integration::pair::{status, wait_state, Pair, Workload};
+use rrc_integration::pair::{status, wait_state, Pair, Workload, ID};
 use rrc_integration::{image, wait_for, Host, TestBed, RRC_RUNTIME, RUNC_RUNTIME};
 
 /// memcached's key space, value size and share of gets.
@@ -149,6 +149,7 @@ struct Args {
     passive_requests: u32,
     duration: u32,
     passive_duration: u32,
+    recorder_cpu: Option<u32>,
     modes: Vec<Mode>,
     workloads: Vec<Workload>,
     out: PathBuf,
@@ -156,7 +157,7 @@ struct Args {
 
 const USAGE: &str = "usage: rrc-bench [--rounds N] [--workloads LIST] [--modes LIST] [--requests N]
                  [--memcached-requests N] [--passive-requests N] [--duration S]
-                 [--passive-duration S] [--out DIR]
+                 [--passive-duration S] [--recorder-cpu N|none] [--out DIR]
   --rounds N              rounds; each runs every mode once, alternating the order (default 5)
   --workloads LIST        comma list of redis, memcached, lighttpd (default all)
   --modes LIST            comma list of runc, off, passive, hybrid (default runc,off,passive)
@@ -166,6 +167,8 @@ const USAGE: &str = "usage: rrc-bench [--rounds N] [--workloads LIST] [--modes L
                           (default 10)
   --duration S            seconds per wrk run, lighttpd (default 5)
   --passive-duration S    seconds per wrk run in passive mode (default 10)
+  --recorder-cpu N|none   hybrid: io.containerd.rrc.recorder-cpu (recorder and container
+                          pinned to CPU N; default 1)
   --out DIR               where bench-WORKLOAD.{json,md} go (default integration/results)";
 
 fn parse_args() -> Result<Args> {
@@ -176,6 +179,7 @@ fn parse_args() -> Result<Args> {
         passive_requests: 10,
         duration: 5,
         passive_duration: 10,
+        recorder_cpu: Some(1),
         modes: vec![Mode::Runc, Mode::Off, Mode::Passive],
         workloads: vec![Workload::Redis, Workload::Memcached, Workload::Lighttpd],
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
@@ -193,6 +197,12 @@ fn parse_args() -> Result<Args> {
                 a.passive_requests = value()?.parse().context("--passive-requests")?
             }
             "--duration" => a.duration = value()?.parse().context("--duration")?,
+            "--recorder-cpu" => {
+                a.recorder_cpu = match value()?.as_str() {
+                    "none" => None,
+                    v => Some(v.parse().context("--recorder-cpu")?),
+                }
+            }
             "--passive-duration" => {
                 a.passive_duration = value()?.parse().context("--passive-duration")?
             }
@@ -696,7 +706,40 @@ fn pair_run(
         }
         Ok(())
     };
+    let recorder_before = recorder_usage(pair)?;
     measure(&t, args, samples, &mut checkpoint)?;
+    if mode == Mode::Hybrid {
+        // What recording cost during the measurements: log bandwidth and recorder CPU.
+        let (bytes0, cpu0, at0) = recorder_before;
+        let (bytes1, cpu1, at1) = recorder_usage(pair)?;
+        let secs = (at1 - at0).as_secs_f64();
+        push(
+            samples,
+            label,
+            "log_mb_per_s",
+            (bytes1.saturating_sub(bytes0)) as f64 / 1e6 / secs,
+        );
+        push(
+            samples,
+            label,
+            "recorder_cpu_pct",
+            (cpu1 - cpu0) / secs * 100.0,
+        );
+        let st = status(pair.host("primary"))?;
+        push(
+            samples,
+            label,
+            "mean_output_hold_us",
+            st["log"]["mean_hold_us"].as_f64().unwrap_or(f64::NAN),
+        );
+        // A hybrid backup does not take over yet (replay is issue 5): no recovery to time.
+        pair.reset()?;
+        eprintln!(
+            "round {round}: {} {label} start {start_ms:.1} ms",
+            pair.workload.image()
+        );
+        return Ok(());
+    }
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1100));
         checkpoint(samples)?;
@@ -728,6 +771,35 @@ fn pair_run(
         pair.workload.image()
     );
     Ok(())
+}
+
+/// Hybrid mode: the log bytes the recorder wrote, the CPU seconds it used, and when (zeros
+/// for a primary without a recorder). Read from its position file (which names its pid) and
+/// `/proc/PID/stat`.
+fn recorder_usage(pair: &Pair) -> Result<(u64, f64, Instant)> {
+    let at = Instant::now();
+    let path = pair.host("primary").bundle_dir(ID).join("rrc-log-position");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok((0, 0.0, at));
+    };
+    let word = |i: usize| -> u64 {
+        bytes
+            .get(i * 8..i * 8 + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    };
+    let (written, pid) = (word(0), word(2));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("the recorder (pid {pid}) is gone"))?;
+    // Fields after the command (which may hold spaces): state is the first; utime and stime
+    // are the 12th and 13th after it.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((written, (ticks(11) + ticks(12)) / hz, at))
 }
 
 /// Writes `bench-<workload>.{json,md}` and prints the table.
@@ -895,6 +967,12 @@ fn main() -> Result<()> {
                     (None, _, Some(pair)) => {
                         pair.workload = workload;
                         pair.mode = mode.pair_mode();
+                        pair.annotations = match (mode, args.recorder_cpu) {
+                            (Mode::Hybrid, Some(cpu)) => {
+                                vec![format!("io.containerd.rrc.recorder-cpu={cpu}")]
+                            }
+                            _ => Vec::new(),
+                        };
                         pair_run(pair, mode, round, &args, &mut samples)
                             .with_context(|| what.clone())?
                     }

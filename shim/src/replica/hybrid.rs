@@ -223,7 +223,7 @@ pub fn run_hook(fifo: &Path, position: &Path, state: &str) -> std::result::Resul
 /// Starts the recorder for a container about to be created (`runc create` follows; its hook
 /// names the init). The recorder runs as a process of its own, watched by the shim's exit
 /// monitor; it logs the packets entering `netns` too.
-pub async fn spawn(bundle: &Path, id: &str, netns: &Path) -> Result<Recorder> {
+pub async fn spawn(bundle: &Path, id: &str, netns: &Path, cpu: Option<u32>) -> Result<Recorder> {
     let bin = recorder_binary().ok_or_else(|| {
         Error::Other(format!(
             "rrc: hybrid mode needs {RECORDER_BIN} next to the shim or on PATH (make install)"
@@ -247,6 +247,11 @@ pub async fn spawn(bundle: &Path, id: &str, netns: &Path) -> Result<Recorder> {
         .arg(ingress_queue(id).to_string())
         .arg("--netns")
         .arg(netns)
+        .args(
+            cpu.map(|c| ["--cpu".to_string(), c.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -599,6 +604,7 @@ fn refresh_log(status: &mut StatusFile, p: &Parts, acked: u64) {
     log.acked_bytes = log.acked_bytes.max(acked);
     log.packets_released = p.hold.released();
     log.packets_held = p.hold.held();
+    log.mean_hold_us = p.hold.mean_hold_us();
 }
 
 /// One pairing: sends the log from its start, then as it grows; releases outputs as the

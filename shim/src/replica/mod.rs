@@ -181,6 +181,19 @@ fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<
         );
     }
     linux.set_seccomp(Some(merged.profile));
+    if let Some(cpu) = config.recorder_cpu {
+        // The recorder pins itself to the same CPU (see hybrid::spawn).
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        let mut cpus = resources.cpu().clone().unwrap_or_default();
+        if let Some(old) = cpus.cpus().as_ref().filter(|c| **c != cpu.to_string()) {
+            tracing::warn!(
+                "io.containerd.rrc.recorder-cpu={cpu} replaces the container's cpuset {old}"
+            );
+        }
+        cpus.set_cpus(Some(cpu.to_string()));
+        resources.set_cpu(Some(cpus));
+        linux.set_resources(Some(resources));
+    }
     spec.set_linux(Some(linux));
     if config.role == rrc_config::Role::Primary {
         // The recorder must seize the init before runc installs the filter: a traced system
