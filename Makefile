@@ -23,9 +23,11 @@ build: setup
 release: setup
 	$(CARGO) build --release --workspace --bins --locked
 
-## Install the shim where containerd finds it (io.containerd.rrc.v2 -> containerd-shim-rrc-v2).
+## Install the shim where containerd finds it (io.containerd.rrc.v2 -> containerd-shim-rrc-v2),
+## and hybrid mode's recorder next to it.
 install: release
 	install -D -m 0755 $(SHIM_RELEASE) $(DESTDIR)$(PREFIX)/bin/containerd-shim-rrc-v2
+	install -D -m 0755 $(TARGET_DIR)/release/rrc-recorder $(DESTDIR)$(PREFIX)/bin/rrc-recorder
 
 ## The whole suite: setup, format check, clippy, unit tests, integration tests.
 test: setup lint unit integration
@@ -46,9 +48,10 @@ integration: build
 demo: build
 	RRC_SHIM_BIN=$(SHIM_DEBUG) $(TARGET_DIR)/debug/rrc-demo
 
-## rrc mode off vs runc, alternating in one run; results in integration/results/.
+## runc, rrc mode off, passive and hybrid, alternating in one run, for redis, memcached and
+## lighttpd; results in integration/results/ (BENCH_ARGS: see rrc-bench --help).
 bench: release
-	RRC_SHIM_BIN=$(SHIM_RELEASE) $(TARGET_DIR)/release/rrc-bench $(BENCH_ARGS)
+	RRC_SHIM_BIN=$(SHIM_RELEASE) $(TARGET_DIR)/release/rrc-bench --modes runc,off,passive,hybrid $(BENCH_ARGS)
 
 ## Fault injection: N primary kills under load (passive mode); prints the recovery rate and the
 ## recovery-time distribution per phase, and writes them to integration/results/.

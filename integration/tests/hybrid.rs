@@ -6,7 +6,7 @@
 //! client sent, the container-wide order is consistent (no gap, no thread out of order), and
 //! the backup holds the same log as the primary.
 //!
-//! `RRC_HYBRID_SECS=N` sets how long each load runs (default 10). Run as root after
+//! `RRC_HYBRID_SECS=N` sets how long each load runs (default 20). Run as root after
 //! `make build`: `cargo test -p rrc-integration --test hybrid -- --nocapture`.
 
 use std::collections::BTreeMap;
@@ -43,7 +43,7 @@ fn load_secs() -> u64 {
     std::env::var("RRC_HYBRID_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10)
+        .unwrap_or(20)
 }
 
 /// The primary's log and the backup's copy, once the backup has all of it.
@@ -460,6 +460,55 @@ fn a_hybrid_backup_refuses_to_take_over_without_replay() -> Result<()> {
         ensure!(
             !text.contains(&pair.host("svc").ip().to_string()),
             "the backup took the service address: {text}"
+        );
+        Ok(())
+    })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+#[test]
+fn a_dead_recorder_stops_its_container_and_says_so() -> Result<()> {
+    let Some((_serial, pair)) = bed(Workload::Redis)? else {
+        return Ok(());
+    };
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        let primary = pair.host("primary");
+        // The recorder's pid is in the position file it shares with the shim.
+        let pos = fs::read(primary.bundle_dir(ID).join("rrc-log-position"))?;
+        let pid = pos
+            .get(16..24)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .context("no pid in the position file")?;
+        ensure!(pid > 1, "recorder pid {pid}");
+        let pid = i32::try_from(pid)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let st = wait_state(primary, &["failed"], Duration::from_secs(15))?;
+        let detail = st["detail"].as_str().unwrap_or_default();
+        ensure!(
+            detail.contains("recorder")
+                && detail.contains("signal 9")
+                && detail.contains("stopped"),
+            "detail: {detail}"
+        );
+        // containerd sees the task exit; the backup was told goodbye and does not complain.
+        wait_for(Duration::from_secs(15), || {
+            let out = primary.ctr(&["task", "ls"])?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let line = text.lines().find(|l| l.starts_with(ID)).unwrap_or_default();
+            ensure!(line.contains("STOPPED"), "task ls: {text}");
+            Ok(())
+        })?;
+        let backup = status(pair.host("backup"))?;
+        ensure!(
+            backup["state"] != "failed",
+            "the backup reports a failure after a goodbye: {backup}"
         );
         Ok(())
     })();

@@ -748,12 +748,106 @@ mod tests {
         (spec, cfg)
     }
 
+    /// A replicated spec whose network namespace is given by path (this process's).
+    fn with_netns(spec: &mut Spec) {
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        for n in ns.iter_mut() {
+            if n.typ() == LinuxNamespaceType::Network {
+                n.set_path(Some(PathBuf::from("/proc/self/ns/net")));
+            }
+        }
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+    }
+
     #[test]
-    fn hybrid_is_refused_as_not_supported_yet() {
+    fn hybrid_backup_gets_the_merged_profile_and_no_hook() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut spec, cfg) = replicated(
+            dir.path(),
+            &[
+                ("io.containerd.rrc.mode", "hybrid"),
+                ("io.containerd.rrc.role", "backup"),
+                ("io.containerd.rrc.listen", "198.18.0.3:7070"),
+                ("io.containerd.rrc.recorder-cpu", "1"),
+            ],
+        );
+        with_netns(&mut spec);
+        replica::prepare(dir.path(), &mut spec, &cfg, None).expect("prepared");
+        let saved = Spec::load(dir.path().join("config.json")).expect("saved spec");
+        let linux = saved.linux().as_ref().expect("linux");
+        let profile = linux.seccomp().as_ref().expect("seccomp profile");
+        let traces_read = profile.syscalls().iter().flatten().any(|r| {
+            r.names().iter().any(|n| n == "read")
+                && r.action() == oci_spec::runtime::LinuxSeccompAction::ScmpActTrace
+        });
+        assert!(traces_read, "read is not traced: {profile:?}");
+        let cpus = linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.cpu().as_ref())
+            .and_then(|c| c.cpus().clone());
+        assert_eq!(cpus.as_deref(), Some("1"));
+        // Only a primary has a recorder to hand the init to.
+        let hooks = saved
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.create_runtime().clone())
+            .unwrap_or_default();
+        assert!(hooks.is_empty(), "{hooks:?}");
+    }
+
+    #[test]
+    fn hybrid_refuses_to_continue_without_its_recorder() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut spec, cfg) = replicated(
+            dir.path(),
+            &[
+                ("io.containerd.rrc.mode", "hybrid"),
+                (
+                    "io.containerd.rrc.on-recorder-failure",
+                    "continue-unprotected",
+                ),
+            ],
+        );
+        with_netns(&mut spec);
+        let err = replica::prepare(dir.path(), &mut spec, &cfg, None).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("continue-unprotected") && text.contains("ENOSYS"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hybrid_primary_hands_its_init_to_the_recorder_from_a_hook() {
         let dir = tempfile::tempdir().expect("dir");
         let (mut spec, cfg) = replicated(dir.path(), &[("io.containerd.rrc.mode", "hybrid")]);
-        let err = replica::prepare(dir.path(), &mut spec, &cfg, None).expect_err("refused");
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        with_netns(&mut spec);
+        match replica::prepare(dir.path(), &mut spec, &cfg, None) {
+            Ok(_) => {
+                let saved = Spec::load(dir.path().join("config.json")).expect("saved spec");
+                let hooks = saved
+                    .hooks()
+                    .as_ref()
+                    .and_then(|h| h.create_runtime().clone())
+                    .unwrap_or_default();
+                let args = hooks
+                    .first()
+                    .and_then(|h| h.args().clone())
+                    .unwrap_or_default();
+                assert_eq!(
+                    args.get(1).map(String::as_str),
+                    Some("recorder-hook"),
+                    "{hooks:?}"
+                );
+                let fifo = dir.path().join(replica::hybrid::PID_FIFO);
+                assert_eq!(args.get(2), Some(&fifo.display().to_string()));
+            }
+            // Without rrc-recorder next to the test binary or on PATH, Create says so.
+            Err(e) => assert!(e.to_string().contains("rrc-recorder"), "{e}"),
+        }
     }
 
     #[test]

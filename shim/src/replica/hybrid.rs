@@ -358,14 +358,22 @@ async fn spawn_recorder(
         let _ = containerd_shim::asynchronous::monitor::monitor_unsubscribe(sub_id).await;
         return Err("it has no pid".into());
     };
-    let (exit_tx, exit_rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let code = crate::runc::wait_for_exit(pid, sub).await;
-        let _ = exit_tx.send(Some(code));
-    });
     let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err("its streams were not piped".into());
     };
+    let (exit_tx, exit_rx) = watch::channel(None);
+    tokio::spawn(async move {
+        // The Child stays alive until the shim's monitor reported the exit: dropped earlier,
+        // tokio would reap it as an orphan and the monitor would never hear of it.
+        let _child = child;
+        let code = crate::runc::wait_for_exit(pid, sub).await;
+        tracing::info!(
+            recorder = pid,
+            "the recorder exited ({})",
+            describe_exit(code)
+        );
+        exit_tx.send_replace(Some(code));
+    });
     let pid = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
     Ok(((out, err), pid, exit_rx))
 }
@@ -552,6 +560,15 @@ async fn run(
                 status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
             }
         }
+    }
+    if recorder_end.is_none() && !fenced {
+        // The container stopped: its recorder ends with it (or killed it, dying first). Which
+        // of the two exits the shim heard first is a race; wait briefly for the recorder's.
+        let ended = tokio::time::timeout(Duration::from_secs(1), exit.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|c| (*c).unwrap_or(-1)));
+        recorder_end = ended;
     }
     p.hold.release_all();
     remove_rules(ctx, &p.out_rule, true).await;
