@@ -224,8 +224,9 @@ impl NfQueue {
         usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 
-    /// Receives every queued packet id available now (non-blocking), appending to `ids`.
-    pub fn recv_ids(&mut self, ids: &mut Vec<u32>) -> std::io::Result<()> {
+    /// Receives every message available now (non-blocking) and hands the body of each
+    /// queued-packet message to `packet`.
+    fn recv_packet_bodies(&mut self, mut packet: impl FnMut(&[u8])) -> std::io::Result<()> {
         loop {
             let n = match self.recv_raw() {
                 Ok(n) => n,
@@ -242,43 +243,27 @@ impl NfQueue {
                 }
                 let kind = u16::from_ne_bytes([b[4], b[5]]);
                 if kind == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET) {
-                    if let Some(id) = packet_id(&b[NLMSG_HDRLEN..len]) {
-                        ids.push(id);
-                    }
+                    packet(&b[NLMSG_HDRLEN..len]);
                 }
                 off += align4(len);
             }
         }
     }
 
+    /// Receives every queued packet id available now (non-blocking), appending to `ids`.
+    pub fn recv_ids(&mut self, ids: &mut Vec<u32>) -> std::io::Result<()> {
+        self.recv_packet_bodies(|body| ids.extend(packet_id(body)))
+    }
+
     /// Receives every queued packet available now (non-blocking), appending (id, packet) to
     /// `out`; for a queue bound with [`bind_copy`](Self::bind_copy).
     pub fn recv_packets(&mut self, out: &mut Vec<(u32, Vec<u8>)>) -> std::io::Result<()> {
-        loop {
-            let n = match self.recv_raw() {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= n {
-                let b = &self.buf[off..n];
-                let len =
-                    usize::try_from(u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
-                if len < NLMSG_HDRLEN || len > b.len() {
-                    break;
-                }
-                let kind = u16::from_ne_bytes([b[4], b[5]]);
-                if kind == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET) {
-                    let body = &b[NLMSG_HDRLEN..len];
-                    if let Some(id) = packet_id(body) {
-                        let data = attribute(body, NFQA_PAYLOAD).unwrap_or_default();
-                        out.push((id, data.to_vec()));
-                    }
-                }
-                off += align4(len);
+        self.recv_packet_bodies(|body| {
+            if let Some(id) = packet_id(body) {
+                let data = attribute(body, NFQA_PAYLOAD).unwrap_or_default();
+                out.push((id, data.to_vec()));
             }
-        }
+        })
     }
 
     /// Accepts every queued packet with an id up to `id`, in one message.

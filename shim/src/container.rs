@@ -866,15 +866,7 @@ mod tests {
     fn passive_bundle_gets_its_criu_configuration() {
         let dir = tempfile::tempdir().expect("dir");
         let (mut spec, cfg) = replicated(dir.path(), &[]);
-        let mut linux = spec.linux().clone().unwrap_or_default();
-        let mut ns = linux.namespaces().clone().unwrap_or_default();
-        for n in ns.iter_mut() {
-            if n.typ() == LinuxNamespaceType::Network {
-                n.set_path(Some(PathBuf::from("/proc/self/ns/net")));
-            }
-        }
-        linux.set_namespaces(Some(ns));
-        spec.set_linux(Some(linux));
+        with_netns(&mut spec);
         let upper = dir.path().join("upper");
         let setup =
             replica::prepare(dir.path(), &mut spec, &cfg, Some(upper.clone())).expect("prepared");

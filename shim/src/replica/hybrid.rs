@@ -50,7 +50,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::net;
-use super::primary::{bind, fence, hold_rules, instance_id, queues, took_over, End};
+use super::primary::{backup_lost, bind, goodbye, hold_rules, instance_id, queues, End};
 use super::wire::{encode_log, Control, STREAM_CONTROL, STREAM_LOG};
 use super::{channel_config, ReplicaCtx, ReplicaHandle, StatusFile};
 use crate::status::{LogFigures, Role, State};
@@ -543,21 +543,10 @@ async fn run(
                 break;
             }
             Ended::End(End::Lost(why)) => {
-                tracing::error!(id = %ctx.id, "lost the backup: {why}; checking whether it took over");
-                status.set(
-                    State::Unprotected,
-                    Some(format!(
-                        "lost the backup: {why}; outputs held while checking whether it took over"
-                    )),
-                );
-                if took_over(ctx).await {
-                    fence(ctx, &mut status).await;
+                if backup_lost(ctx, &p.hold, &why, &mut status).await {
                     fenced = true;
                     break;
                 }
-                p.hold.release_all();
-                tracing::error!(id = %ctx.id, "the backup did not take over: the container runs UNPROTECTED");
-                status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
             }
         }
     }
@@ -576,15 +565,6 @@ async fn run(
         recorder_ended(p, code, &mut status).await;
     } else if !fenced {
         status.set(State::Stopped, None);
-    }
-}
-
-async fn goodbye(ch: &Channel, reason: &str) {
-    let bye = Control::Goodbye {
-        reason: reason.into(),
-    };
-    if let Ok(seq) = ch.send(STREAM_CONTROL, &bye.encode()).await {
-        let _ = tokio::time::timeout(Duration::from_secs(1), ch.wait_acked(seq)).await;
     }
 }
 

@@ -69,6 +69,9 @@ pub fn prepare(
     config: &RrcConfig,
     upper: Option<PathBuf>,
 ) -> Result<ReplicaSetup> {
+    if config.mode == Mode::Hybrid {
+        check_hybrid_config(config)?;
+    }
     let netns = spec
         .linux()
         .as_ref()
@@ -148,10 +151,8 @@ pub fn prepare(
     })
 }
 
-/// Hybrid mode's part of Create: checks that the recorder can run and that the policy is one
-/// hybrid mode can keep, and merges the recorder's seccomp rules into the spec's profile
-/// (`SCMP_ACT_TRACE` for the syscalls it records; the container's own denials still deny).
-fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<()> {
+/// Refuses what hybrid mode cannot keep, before anything else is checked or written.
+fn check_hybrid_config(config: &RrcConfig) -> Result<()> {
     if config.on_recorder_failure != rrc_config::RecorderFailurePolicy::Stop {
         return Err(Error::InvalidArgument(
             "rrc: io.containerd.rrc.on-recorder-failure=continue-unprotected is not possible in \
@@ -161,6 +162,13 @@ fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<
                 .into(),
         ));
     }
+    Ok(())
+}
+
+/// Hybrid mode's part of Create: checks that the recorder can run and that the policy is one
+/// hybrid mode can keep, and merges the recorder's seccomp rules into the spec's profile
+/// (`SCMP_ACT_TRACE` for the syscalls it records; the container's own denials still deny).
+fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<()> {
     if config.role == rrc_config::Role::Primary && hybrid::recorder_binary().is_none() {
         return Err(Error::InvalidArgument(format!(
             "rrc: hybrid mode needs the recorder, {}, next to containerd-shim-rrc-v2 or on \

@@ -222,30 +222,14 @@ async fn run(
         };
         match end {
             End::Stopped => {
-                let bye = Control::Goodbye {
-                    reason: "the container stopped".into(),
-                };
-                if let Ok(seq) = ch.send(STREAM_CONTROL, &bye.encode()).await {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), ch.wait_acked(seq)).await;
-                }
+                goodbye(&ch, "the container stopped").await;
                 break;
             }
             End::Lost(why) => {
-                tracing::error!(id = %ctx.id, "lost the backup: {why}; checking whether it took over");
-                status.set(
-                    State::Unprotected,
-                    Some(format!(
-                        "lost the backup: {why}; outputs held while checking whether it took over"
-                    )),
-                );
-                if took_over(&ctx).await {
-                    fence(&ctx, &mut status).await;
+                if backup_lost(&ctx, &hold, &why, &mut status).await {
                     fenced = true;
                     break;
                 }
-                hold.release_all();
-                tracing::error!(id = %ctx.id, "the backup did not take over: the container runs UNPROTECTED");
-                status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
             }
         }
     }
@@ -264,6 +248,43 @@ async fn run(
     }
 }
 
+/// Tells the backup the container stopped on purpose (it must not take over), waiting up to a
+/// second for its acknowledgement.
+pub(super) async fn goodbye(ch: &Channel, reason: &str) {
+    let bye = Control::Goodbye {
+        reason: reason.into(),
+    };
+    if let Ok(seq) = ch.send(STREAM_CONTROL, &bye.encode()).await {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ch.wait_acked(seq)).await;
+    }
+}
+
+/// After losing the backup (`why`), with outputs still held: if the backup took over, fence
+/// this primary and return true; otherwise let outputs flow, say the container is
+/// unprotected, and return false.
+pub(super) async fn backup_lost(
+    ctx: &PrimaryCtx,
+    hold: &OutputHold,
+    why: &str,
+    status: &mut StatusFile,
+) -> bool {
+    tracing::error!(id = %ctx.id, "lost the backup: {why}; checking whether it took over");
+    status.set(
+        State::Unprotected,
+        Some(format!(
+            "lost the backup: {why}; outputs held while checking whether it took over"
+        )),
+    );
+    if took_over(ctx).await {
+        fence(ctx, status).await;
+        return true;
+    }
+    hold.release_all();
+    tracing::error!(id = %ctx.id, "the backup did not take over: the container runs UNPROTECTED");
+    status.set(State::Unprotected, Some(format!("lost the backup: {why}")));
+    false
+}
+
 /// Probes sent to find out whether the backup claimed the service address.
 const PROBES: u32 = 3;
 /// Time between probes (and waited after the last one).
@@ -274,7 +295,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// for that long (plus a margin), then asks the network (ARP probes) whether another host
 /// answers for one of its addresses. If a probe cannot be made the answer is no: the container
 /// keeps serving, unprotected, and the error is logged.
-pub(super) async fn took_over(ctx: &PrimaryCtx) -> bool {
+async fn took_over(ctx: &PrimaryCtx) -> bool {
     tokio::time::sleep(ctx.config.failover_timeout + Duration::from_millis(100)).await;
     let addresses = match net::addresses(&ctx.setup.netns).await {
         Ok(a) => a,
@@ -306,7 +327,7 @@ pub(super) async fn took_over(ctx: &PrimaryCtx) -> bool {
 
 /// Stops serving for good: the backup took over. The service addresses leave the namespace
 /// and the container is killed (containerd sees its task exit); the status says fenced.
-pub(super) async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
+async fn fence(ctx: &PrimaryCtx, status: &mut StatusFile) {
     if let Ok(addrs) = net::addresses(&ctx.setup.netns).await {
         if let Err(e) = net::unassign(&ctx.setup.netns, &addrs).await {
             tracing::error!(id = %ctx.id, "removing the service addresses: {e}");
