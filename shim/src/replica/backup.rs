@@ -100,10 +100,15 @@ pub async fn start(ctx: BackupCtx) -> containerd_shim::Result<ReplicaHandle> {
 
 /// Hybrid mode: the event log received from the primary, appended in order to
 /// [`super::hybrid::RECEIVED_LOG_FILE`] in the bundle and acknowledged once written.
+///
+/// Every byte is decoded as it arrives (rrc-eventlog's streaming decoder: framing, checksums,
+/// dense sequence numbers): a log that does not decode is refused with where and why, and the
+/// bytes are not acknowledged.
 struct ReceivedLog {
     path: std::path::PathBuf,
     file: Option<std::fs::File>,
     len: u64,
+    decoder: rrc_eventlog::Decoder,
 }
 
 impl ReceivedLog {
@@ -112,6 +117,7 @@ impl ReceivedLog {
             path: bundle.join(super::hybrid::RECEIVED_LOG_FILE),
             file: None,
             len: 0,
+            decoder: rrc_eventlog::Decoder::new(),
         }
     }
 
@@ -122,6 +128,7 @@ impl ReceivedLog {
         if offset == 0 && self.len > 0 {
             self.file = None;
             self.len = 0;
+            self.decoder = rrc_eventlog::Decoder::new();
         }
         if offset != self.len {
             return Err(format!(
@@ -129,6 +136,21 @@ impl ReceivedLog {
                  the log would have a gap or an overlap",
                 self.len
             ));
+        }
+        self.decoder.push(bytes);
+        loop {
+            match self.decoder.next() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(format!(
+                        "the primary's log does not decode after byte {} ({e}); it is not \
+                         stored or acknowledged: the primary's recorder or the transfer is at \
+                         fault",
+                        self.decoder.offset()
+                    ))
+                }
+            }
         }
         if self.file.is_none() {
             let f = std::fs::File::create(&self.path)
@@ -544,4 +566,56 @@ async fn take_over(
     )
     .await;
     Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rrc_eventlog::{Event, SegmentStart, Thread, Writer};
+
+    fn a_log() -> Vec<u8> {
+        let start = SegmentStart {
+            base_seq: 1,
+            epoch: 0,
+            container_id: "c".into(),
+            live: vec![Thread::new(1, 1)],
+        };
+        let mut w = Writer::new(Vec::new(), start).expect("writer");
+        for i in 0..20u8 {
+            w.append(
+                Thread::NONE,
+                0,
+                &Event::IngressPacket { bytes: vec![i; 40] },
+            )
+            .expect("append");
+        }
+        w.into_inner()
+    }
+
+    #[test]
+    fn a_log_is_stored_in_any_pieces_and_a_damaged_one_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = a_log();
+        let mut r = ReceivedLog::new(dir.path());
+        let mut off = 0usize;
+        for piece in log.chunks(7) {
+            r.append(off as u64, piece).expect("stored");
+            off += piece.len();
+        }
+        let stored =
+            std::fs::read(dir.path().join(super::super::hybrid::RECEIVED_LOG_FILE)).expect("file");
+        assert_eq!(stored, log);
+
+        // A gap is refused.
+        let err = r.append(off as u64 + 5, b"x").expect_err("gap");
+        assert!(err.contains("gap or an overlap"), "{err}");
+
+        // A primary that pairs again starts over; a flipped byte is refused, not stored.
+        let mut bad = log.clone();
+        let last = bad.len() - 10;
+        bad[last] ^= 0xff;
+        let err = r.append(0, &bad).expect_err("corrupt");
+        assert!(err.contains("does not decode"), "{err}");
+        assert_eq!(r.len, 0, "nothing of the damaged log counts as stored");
+    }
 }
