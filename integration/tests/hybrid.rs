@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use rrc_eventlog::{Event, Reader, Record};
-use rrc_integration::checker::{verify, Checker};
+use rrc_integration::checker::{connect_in, verify, Checker};
 use rrc_integration::pair::{status, wait_state, Pair, Workload, ID};
 use rrc_integration::{integration_unavailable, wait_for};
 
@@ -130,8 +130,9 @@ fn streams_match(c: &Checked, sent: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
-/// A connection from the client host (its own thread enters the host's namespace).
-fn connect_in(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
+/// A connection from the client host (its own thread enters the host's namespace), with a
+/// read timeout.
+fn connect_from(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
     let ns = fs::File::open(netns)?;
     // SAFETY: setns with a valid netns descriptor; it moves only the calling thread, a thread
     // of this test's own.
@@ -163,7 +164,7 @@ fn drive(
         .map(|c| {
             let (netns, stop) = (netns.to_path_buf(), stop.clone());
             std::thread::spawn(move || -> Result<(Vec<u8>, u64)> {
-                let mut s = connect_in(&netns, addr)?;
+                let mut s = connect_from(&netns, addr)?;
                 let mut r = BufReader::new(s.try_clone()?);
                 let mut sent = Vec::new();
                 let mut i = 0u64;
@@ -512,6 +513,77 @@ fn a_dead_recorder_stops_its_container_and_says_so() -> Result<()> {
         );
         Ok(())
     })();
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+#[test]
+fn replies_wait_for_the_backup_to_hold_their_log() -> Result<()> {
+    let Some((_serial, mut pair)) = bed(Workload::Redis)? else {
+        return Ok(());
+    };
+    // Long enough that a paused backup is not declared lost while the test holds it.
+    pair.annotations = vec!["io.containerd.rrc.failover-timeout-ms=10000".into()];
+    let result = (|| -> Result<()> {
+        pair.start()?;
+        let netns = pair.host("client").netns_path();
+        let addr = pair.service();
+        let backup_shim = fs::read_to_string(pair.host("backup").bundle_dir(ID).join("shim.pid"))?;
+        let backup_shim = nix::unistd::Pid::from_raw(backup_shim.trim().parse()?);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client = std::thread::spawn(move || -> Result<()> {
+            let mut s = connect_in(&netns, addr)?;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut line = String::new();
+            s.write_all(b"PING\r\n")?;
+            r.read_line(&mut line)?;
+            ensure!(line == "+PONG\r\n", "PING answered {line:?}");
+            // Now with the backup paused: the reply must wait for it.
+            tx.send(Instant::now())?;
+            std::thread::sleep(Duration::from_millis(200));
+            let sent = Instant::now();
+            s.write_all(b"INCR paused\r\n")?;
+            line.clear();
+            r.read_line(&mut line)?;
+            ensure!(line == ":1\r\n", "INCR answered {line:?}");
+            tx.send(sent)?;
+            tx.send(Instant::now())?;
+            Ok(())
+        });
+        // Pause the backup shim once the first reply came.
+        let first = rx.recv_timeout(Duration::from_secs(10))?;
+        nix::sys::signal::kill(backup_shim, nix::sys::signal::Signal::SIGSTOP)?;
+        let paused_for = Duration::from_millis(1500);
+        std::thread::sleep(paused_for);
+        let resumed = Instant::now();
+        nix::sys::signal::kill(backup_shim, nix::sys::signal::Signal::SIGCONT)?;
+        let sent = rx.recv_timeout(Duration::from_secs(10))?;
+        let answered = rx.recv_timeout(Duration::from_secs(10))?;
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+        ensure!(
+            first < sent,
+            "the INCR was sent before the backup was paused"
+        );
+        ensure!(
+            answered >= resumed,
+            "the INCR was answered {:?} before the backup resumed: its reply did not wait for \
+             the log to be acknowledged",
+            resumed - answered
+        );
+        eprintln!(
+            "hybrid: a reply produced while the backup was paused came {:?} after the request, \
+             {:?} after the backup resumed",
+            answered - sent,
+            answered - resumed
+        );
+        let st = status(pair.host("primary"))?;
+        ensure!(st["state"] == "protected", "primary: {st}");
+        Ok(())
+    })();
+    // A paused backup must never be left behind.
     let reset = pair.reset();
     result?;
     reset

@@ -297,22 +297,12 @@ fn attribute(body: &[u8], want: u16) -> Option<&[u8]> {
     None
 }
 
-/// The packet id in an NFQNL_MSG_PACKET body (after the nfgenmsg header).
+/// The packet id in an NFQNL_MSG_PACKET body (after the nfgenmsg header): the first four
+/// bytes (big endian) of its packet header attribute.
 fn packet_id(body: &[u8]) -> Option<u32> {
-    let mut off = 4;
-    while off + 4 <= body.len() {
-        let len = usize::from(u16::from_ne_bytes([body[off], body[off + 1]]));
-        let kind = u16::from_ne_bytes([body[off + 2], body[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > body.len() {
-            return None;
-        }
-        if kind == NFQA_PACKET_HDR && len >= 8 {
-            let d = &body[off + 4..off + 8];
-            return Some(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
-        }
-        off += align4(len);
-    }
-    None
+    let d = attribute(body, NFQA_PACKET_HDR)?;
+    d.get(..4)
+        .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]]))
 }
 
 #[cfg(test)]
