@@ -381,6 +381,21 @@ impl Pair {
     }
 }
 
+/// Hybrid mode: what the recorder of container [`ID`] on `host` publishes in its position file
+/// (the layout of `rrc_recorder::position`): log bytes written, state, the recorder's pid.
+pub fn recorder_position(host: &Host) -> Result<(u64, u64, u64)> {
+    let path = host.bundle_dir(ID).join("rrc-log-position");
+    let bytes = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    let word = |i: usize| -> Result<u64> {
+        bytes
+            .get(i * 8..i * 8 + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .with_context(|| format!("{} is too short", path.display()))
+    };
+    Ok((word(0)?, word(1)?, word(2)?))
+}
+
 /// The status file of container [`ID`] on `host`.
 pub fn status(host: &Host) -> Result<Value> {
     let p = host.bundle_dir(ID).join("rrc-status.json");

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rrc_eventlog::{Event, Reader, Record};
 use rrc_integration::checker::{connect_in, verify, Checker};
-use rrc_integration::pair::{status, wait_state, Pair, Workload, ID};
+use rrc_integration::pair::{recorder_position, status, wait_state, Pair, Workload, ID};
 use rrc_integration::{integration_unavailable, wait_for};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -130,17 +129,10 @@ fn streams_match(c: &Checked, sent: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
-/// A connection from the client host (its own thread enters the host's namespace), with a
+/// A connection from the client host (the calling thread enters the host's namespace), with a
 /// read timeout.
 fn connect_from(netns: &Path, addr: SocketAddr) -> Result<TcpStream> {
-    let ns = fs::File::open(netns)?;
-    // SAFETY: setns with a valid netns descriptor; it moves only the calling thread, a thread
-    // of this test's own.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", std::io::Error::last_os_error());
-    }
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_nodelay(true)?;
+    let s = connect_in(netns, addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     Ok(s)
 }
@@ -478,12 +470,7 @@ fn a_dead_recorder_stops_its_container_and_says_so() -> Result<()> {
         pair.start()?;
         let primary = pair.host("primary");
         // The recorder's pid is in the position file it shares with the shim.
-        let pos = fs::read(primary.bundle_dir(ID).join("rrc-log-position"))?;
-        let pid = pos
-            .get(16..24)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_le_bytes)
-            .context("no pid in the position file")?;
+        let (_, _, pid) = recorder_position(primary)?;
         ensure!(pid > 1, "recorder pid {pid}");
         let pid = i32::try_from(pid)?;
         nix::sys::signal::kill(

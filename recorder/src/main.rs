@@ -199,16 +199,7 @@ fn with_sink(
             let finished = sink.finish();
             let summary = summary?;
             finished.context("finishing the event log")?;
-            if !stats.unrecordable.is_empty() {
-                eprintln!(
-                    "rrc-recorder: {} event(s) could not be recorded and are not in the log \
-                     (replay of this recording may diverge):",
-                    stats.unrecordable.len()
-                );
-                for what in &stats.unrecordable {
-                    eprintln!("  {what}");
-                }
-            }
+            report_unrecordable(&stats.unrecordable);
             tracing::info!(
                 records = stats.records,
                 incomplete = stats.incomplete,
@@ -216,6 +207,21 @@ fn with_sink(
             );
             Ok(summary)
         }
+    }
+}
+
+/// Lists on stderr what the recorder saw but could not put into the log.
+fn report_unrecordable(what: &[String]) {
+    if what.is_empty() {
+        return;
+    }
+    eprintln!(
+        "rrc-recorder: {} event(s) could not be recorded and are not in the log \
+         (replay of this recording may diverge):",
+        what.len()
+    );
+    for w in what {
+        eprintln!("  {w}");
     }
 }
 
@@ -371,15 +377,7 @@ fn record_streaming(args: &Args, pid: i32, position: &str, opts: Options) -> Res
     }
     let stats = sink.stats();
     let summary = result?;
-    if !stats.unrecordable.is_empty() {
-        eprintln!(
-            "rrc-recorder: {} event(s) could not be recorded and are not in the log:",
-            stats.unrecordable.len()
-        );
-        for what in &stats.unrecordable {
-            eprintln!("  {what}");
-        }
-    }
+    report_unrecordable(&stats.unrecordable);
     eprintln!(
         "rrc-recorder: recording of {id} ended: {} records ({} ingress packets), {} syscalls",
         stats.records, stats.ingress, summary.syscalls

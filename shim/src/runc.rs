@@ -107,24 +107,10 @@ impl Spawner for ReaperAwareSpawner {
 /// streams the caller piped to their ends, and waits for the monitor to report the exit.
 /// Returns the pid and the output.
 pub async fn spawn_and_wait(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     input: Option<&[u8]>,
 ) -> std::io::Result<(u32, Output)> {
-    let sub = monitor_subscribe(Topic::Pid)
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sub_id = sub.id;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = monitor_unsubscribe(sub_id).await;
-            return Err(e);
-        }
-    };
-    let Some(pid) = child.id() else {
-        let _ = monitor_unsubscribe(sub_id).await;
-        return Err(std::io::Error::other("spawned command has no pid"));
-    };
+    let (mut child, pid, sub) = spawn_watched(cmd).await?;
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
         if let Err(e) = stdin.write_all(input).await {
             tracing::warn!("writing to a child's stdin: {e}");
@@ -143,6 +129,31 @@ pub async fn spawn_and_wait(
             stderr,
         },
     ))
+}
+
+/// Spawns `cmd` with the shim's exit monitor already subscribed, so its exit cannot be missed;
+/// returns the child, its pid and the subscription (for [`wait_for_exit`]). Keep the `Child`
+/// until the exit is reported: a dropped tokio `Child` is reaped by tokio's orphan queue, and
+/// the monitor never hears of it.
+pub async fn spawn_watched(
+    mut cmd: tokio::process::Command,
+) -> std::io::Result<(tokio::process::Child, u32, Subscription)> {
+    let sub = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sub_id = sub.id;
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = monitor_unsubscribe(sub_id).await;
+            return Err(e);
+        }
+    };
+    let Some(pid) = child.id() else {
+        let _ = monitor_unsubscribe(sub_id).await;
+        return Err(std::io::Error::other("spawned command has no pid"));
+    };
+    Ok((child, pid, sub))
 }
 
 /// The exit monitor's code (128+n for a signal) as an [`ExitStatus`] (a wait status).

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use rrc_integration::load::{self, Memcached, MixConfig};
-use rrc_integration::pair::{status, wait_state, Pair, Workload, ID};
+use rrc_integration::pair::{recorder_position, status, wait_state, Pair, Workload};
 use rrc_integration::{image, wait_for, Host, TestBed, RRC_RUNTIME, RUNC_RUNTIME};
 
 /// memcached's key space, value size and share of gets.
@@ -778,18 +778,9 @@ fn pair_run(
 /// `/proc/PID/stat`.
 fn recorder_usage(pair: &Pair) -> Result<(u64, f64, Instant)> {
     let at = Instant::now();
-    let path = pair.host("primary").bundle_dir(ID).join("rrc-log-position");
-    let Ok(bytes) = std::fs::read(&path) else {
+    let Ok((written, _, pid)) = recorder_position(pair.host("primary")) else {
         return Ok((0, 0.0, at));
     };
-    let word = |i: usize| -> u64 {
-        bytes
-            .get(i * 8..i * 8 + 8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
-    };
-    let (written, pid) = (word(0), word(2));
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("the recorder (pid {pid}) is gone"))?;
     // Fields after the command (which may hold spaces): state is the first; utime and stime

@@ -39,21 +39,19 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use containerd_shim::asynchronous::monitor::monitor_subscribe;
-use containerd_shim::monitor::Topic;
 use containerd_shim::{Error, Result};
 use rrc_channel::{Channel, Role as ChannelRole};
-use rrc_output_hold::OutputHold;
+use rrc_output_hold::{nfqueue_rule, OutputHold};
 use rrc_recorder::position::{SharedPosition, STATE_ATTACHED, STATE_ENDED};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::net;
-use super::primary::{backup_lost, bind, goodbye, hold_rules, instance_id, queues, End};
+use super::primary::{backup_lost, bind, goodbye, instance_id, primary_status, queues, End};
 use super::wire::{encode_log, Control, STREAM_CONTROL, STREAM_LOG};
 use super::{channel_config, ReplicaCtx, ReplicaHandle, StatusFile};
-use crate::status::{LogFigures, Role, State};
+use crate::status::{LogFigures, State};
 
 /// The primary's copy of the whole log, in its bundle.
 pub const LOG_FILE: &str = "rrc-log";
@@ -291,7 +289,7 @@ pub async fn start(ctx: ReplicaCtx, mut recorder: Recorder) -> Result<ReplicaHan
 
     super::primary::remove_stale_rules(&ctx).await;
     remove_stale_ingress_rule(&ctx).await;
-    let out_rule = hold_rules(&ctx.id).swap_remove(0);
+    let out_rule = nfqueue_rule(None, queue);
     let mut add = vec!["-A".to_string()];
     add.extend(out_rule.iter().cloned());
     if let Err(e) = net::iptables(&ctx.setup.netns, &add).await {
@@ -341,30 +339,17 @@ type Streams = (tokio::process::ChildStdout, tokio::process::ChildStderr);
 /// Spawns the recorder with the shim's exit monitor watching it; returns its streams, pid,
 /// and a watch of its exit.
 async fn spawn_recorder(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
 ) -> std::result::Result<(Streams, i32, watch::Receiver<Exit>), String> {
-    let sub = monitor_subscribe(Topic::Pid)
+    let (mut child, pid, sub) = crate::runc::spawn_watched(cmd)
         .await
-        .map_err(|e| format!("watching its exit: {e}"))?;
-    let sub_id = sub.id;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = containerd_shim::asynchronous::monitor::monitor_unsubscribe(sub_id).await;
-            return Err(format!("cannot start it: {e}"));
-        }
-    };
-    let Some(pid) = child.id() else {
-        let _ = containerd_shim::asynchronous::monitor::monitor_unsubscribe(sub_id).await;
-        return Err("it has no pid".into());
-    };
+        .map_err(|e| format!("cannot start it: {e}"))?;
     let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err("its streams were not piped".into());
     };
     let (exit_tx, exit_rx) = watch::channel(None);
     tokio::spawn(async move {
-        // The Child stays alive until the shim's monitor reported the exit: dropped earlier,
-        // tokio would reap it as an orphan and the monitor would never hear of it.
+        // The Child stays alive until the shim's monitor reported the exit (see spawn_watched).
         let _child = child;
         let code = crate::runc::wait_for_exit(pid, sub).await;
         tracing::info!(
@@ -467,25 +452,8 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let ctx = &p.ctx;
-    let peer = ctx
-        .config
-        .peer
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let mut status = StatusFile::new(
-        &ctx.bundle,
-        &ctx.id,
-        &ctx.namespace,
-        Role::Primary,
-        Some(peer.clone()),
-    );
-    status.status.mode = "hybrid".into();
+    let (peer, mut status) = primary_status(ctx, "hybrid", "recording; ");
     status.status.log = Some(LogFigures::default());
-    status.set(
-        State::WaitingForBackup,
-        Some(format!("recording; connecting to the backup at {peer}")),
-    );
     let instance = instance_id();
     let mut last_error = String::new();
     let mut fenced = false;

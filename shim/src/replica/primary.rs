@@ -53,7 +53,7 @@ pub(super) fn queues(id: &str) -> (u16, u16) {
 }
 
 /// The iptables rules of a container's output hold (OUTPUT) and inbound gate (INPUT).
-pub(super) fn hold_rules(id: &str) -> Vec<Vec<String>> {
+fn hold_rules(id: &str) -> Vec<Vec<String>> {
     let (queue, gate_queue) = queues(id);
     vec![
         nfqueue_rule(None, queue),
@@ -150,27 +150,7 @@ async fn run(
     fs: Option<HookServer>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let peer = ctx
-        .config
-        .peer
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let mut status = StatusFile::new(
-        &ctx.bundle,
-        &ctx.id,
-        &ctx.namespace,
-        Role::Primary,
-        Some(peer.clone()),
-    );
-    // A backup that took over and now replicates in turn keeps its failover history.
-    if let Ok(previous) = crate::status::read(&ctx.bundle) {
-        status.status.failovers = previous.failovers;
-    }
-    status.set(
-        State::WaitingForBackup,
-        Some(format!("connecting to the backup at {peer}")),
-    );
+    let (peer, mut status) = primary_status(&ctx, "passive", "");
     let checkpointer = checkpointer(&ctx.runc_root, &ctx.runc_binary);
     let instance = instance_id();
     let mut epoch = 0u64;
@@ -246,6 +226,34 @@ async fn run(
     if !fenced {
         status.set(State::Stopped, None);
     }
+}
+
+/// A primary's start: the backup's address, and the status file in state waiting-for-backup
+/// (its detail `doing` then "connecting to the backup at PEER"). A backup that took over and
+/// now replicates in turn keeps its failover history.
+pub(super) fn primary_status(ctx: &PrimaryCtx, mode: &str, doing: &str) -> (String, StatusFile) {
+    let peer = ctx
+        .config
+        .peer
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let mut status = StatusFile::new(
+        &ctx.bundle,
+        &ctx.id,
+        &ctx.namespace,
+        Role::Primary,
+        Some(peer.clone()),
+    );
+    status.status.mode = mode.to_string();
+    if let Ok(previous) = crate::status::read(&ctx.bundle) {
+        status.status.failovers = previous.failovers;
+    }
+    status.set(
+        State::WaitingForBackup,
+        Some(format!("{doing}connecting to the backup at {peer}")),
+    );
+    (peer, status)
 }
 
 /// Tells the backup the container stopped on purpose (it must not take over), waiting up to a
