@@ -340,13 +340,21 @@ impl Shared {
             return Err(e);
         }
         let mut w = self.writer.lock().await;
-        match w.send(kind, payload).await {
-            Ok(seq) => Ok(seq),
-            Err(e) => {
-                self.fail(e.clone());
-                Err(e)
+        self.write(&mut w, kind, payload).await
+    }
+
+    /// Writes one frame, unless the channel closes first: a peer that went silent (a
+    /// partition) stops reading, the socket's buffer fills, and the write would otherwise wait
+    /// for TCP to give up, minutes after the peer was declared dead.
+    async fn write(&self, w: &mut Writer, kind: Kind, payload: &[u8]) -> Result<u64, ChannelError> {
+        let mut closed = self.closed.subscribe();
+        let written = tokio::select! {
+            r = w.send(kind, payload) => r,
+            _ = closed.wait_for(|c| *c) => {
+                return Err(self.error().unwrap_or(ChannelError::Closed));
             }
-        }
+        };
+        written.inspect_err(|e| self.fail(e.clone()))
     }
 }
 
@@ -564,13 +572,7 @@ impl Channel {
             st.unacked.push_back((seq, len));
             st.unacked_bytes += len;
         }
-        match w.send(Kind::Data, &body).await {
-            Ok(seq) => Ok(seq),
-            Err(e) => {
-                self.shared.fail(e.clone());
-                Err(e)
-            }
-        }
+        self.shared.write(&mut w, Kind::Data, &body).await
     }
 
     /// The next data from the peer; the channel's error once it is closed.
