@@ -248,6 +248,33 @@ pub trait Sink {
     fn attached(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Every thread is parked for the checkpoint of `epoch` (none runs until
+    /// [`Sink::checkpoint_done`]): cut the log here, and let no ingress packet in until then.
+    /// Returns where the log was cut. A sink that cannot cut refuses, and the checkpoint is
+    /// not taken.
+    fn checkpoint(&mut self, epoch: u64) -> io::Result<Cut> {
+        let _ = epoch;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this output cannot be cut for a checkpoint",
+        ))
+    }
+
+    /// The checkpoint is dumped (or abandoned): ingress packets may be logged again.
+    fn checkpoint_done(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a checkpoint cuts the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// The first sequence number the checkpoint does not contain (the new segment's base).
+    pub seq: u64,
+    /// The byte offset, in the log's output, of the new segment's header: every byte before
+    /// it may be dropped once the checkpoint is committed.
+    pub offset: u64,
 }
 
 impl<S: Sink + ?Sized> Sink for &mut S {
@@ -260,6 +287,12 @@ impl<S: Sink + ?Sized> Sink for &mut S {
     fn attached(&mut self) -> io::Result<()> {
         (**self).attached()
     }
+    fn checkpoint(&mut self, epoch: u64) -> io::Result<Cut> {
+        (**self).checkpoint(epoch)
+    }
+    fn checkpoint_done(&mut self) -> io::Result<()> {
+        (**self).checkpoint_done()
+    }
 }
 
 /// Keeps events in memory (tests).
@@ -267,11 +300,29 @@ impl<S: Sink + ?Sized> Sink for &mut S {
 pub struct VecSink {
     /// The events, in order.
     pub events: Vec<Event>,
+    /// Checkpoints cut: (epoch, number of events before the cut).
+    pub cuts: Vec<(u64, usize)>,
+    /// Whether a checkpoint is in progress (between `checkpoint` and `checkpoint_done`).
+    pub in_checkpoint: bool,
 }
 
 impl Sink for VecSink {
     fn record(&mut self, event: Event) -> io::Result<()> {
         self.events.push(event);
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, epoch: u64) -> io::Result<Cut> {
+        self.cuts.push((epoch, self.events.len()));
+        self.in_checkpoint = true;
+        Ok(Cut {
+            seq: self.events.len() as u64 + 1,
+            offset: self.events.len() as u64,
+        })
+    }
+
+    fn checkpoint_done(&mut self) -> io::Result<()> {
+        self.in_checkpoint = false;
         Ok(())
     }
 }

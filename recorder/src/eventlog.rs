@@ -65,7 +65,7 @@ use rrc_eventlog::{
     Report, SegmentStart, Streams, Thread, Time, Writer,
 };
 
-use crate::event::{CreateKind, Event, ExitKind, Sink, SyscallRecord, Tid};
+use crate::event::{CreateKind, Cut, Event, ExitKind, Sink, SyscallRecord, Tid};
 use crate::syscalls::{self, Class};
 
 const CLOCK_GETTIME: u64 = syscalls::nr::CLOCK_GETTIME as u64;
@@ -92,6 +92,8 @@ pub struct SinkStats {
     pub unrecordable: Vec<String>,
     /// Ingress packets appended ([`EventlogSink::ingress`]).
     pub ingress: u64,
+    /// Checkpoint cuts made ([`Sink::checkpoint`]).
+    pub checkpoints: u64,
 }
 
 #[derive(Debug)]
@@ -138,6 +140,8 @@ pub struct EventlogSink<W: Write> {
     epoch: u64,
     threads: HashMap<Tid, ThreadInfo>,
     stats: SinkStats,
+    /// A checkpoint is being taken: ingress packets wait (see [`Sink::checkpoint`]).
+    ingress_held: bool,
 }
 
 impl<W: Write> fmt::Debug for EventlogSink<W> {
@@ -170,6 +174,7 @@ impl<W: Write> EventlogSink<W> {
             epoch: 0,
             threads: HashMap::new(),
             stats: SinkStats::default(),
+            ingress_held: false,
         }
     }
 
@@ -204,8 +209,14 @@ impl<W: Write> EventlogSink<W> {
 
     /// Appends a packet that entered the container's network namespace (logged before its
     /// kernel processes it). Returns false, appending nothing, while the segment is not open
-    /// yet (the recorder is still attaching): the caller keeps the packet and tries again.
+    /// yet (the recorder is still attaching), or while a checkpoint is being taken (between
+    /// [`Sink::checkpoint`] and [`Sink::checkpoint_done`]: a packet the kernel took then would
+    /// be in the checkpoint's socket state and after its cut in the log): the caller keeps the
+    /// packet, does not let the kernel have it, and tries again.
     pub fn ingress(&mut self, packet: &[u8]) -> io::Result<bool> {
+        if self.ingress_held {
+            return Ok(false);
+        }
         let Out::Writing(w) = &mut self.out else {
             return match self.out {
                 Out::Waiting(..) => Ok(false),
@@ -565,6 +576,34 @@ impl<W: Write> Sink for EventlogSink<W> {
     /// Opens the segment now: every attached thread is announced.
     fn attached(&mut self) -> io::Result<()> {
         self.open()
+    }
+
+    /// Ends the segment and opens the next one, for `epoch`, with the threads alive now; holds
+    /// ingress packets until [`Sink::checkpoint_done`].
+    fn checkpoint(&mut self, epoch: u64) -> io::Result<Cut> {
+        self.open()?;
+        let mut live: Vec<Thread> = self.threads.values().map(|t| t.id).collect();
+        live.sort_unstable_by_key(|t| (t.tgid, t.tid));
+        let Out::Writing(w) = &mut self.out else {
+            return Err(failed());
+        };
+        if w.is_open() {
+            w.end_segment().map_err(log_err)?;
+        }
+        let offset = w.bytes_written();
+        w.start_segment(epoch, live).map_err(log_err)?;
+        self.epoch = epoch;
+        self.ingress_held = true;
+        self.stats.checkpoints += 1;
+        Ok(Cut {
+            seq: w.next_seq(),
+            offset,
+        })
+    }
+
+    fn checkpoint_done(&mut self) -> io::Result<()> {
+        self.ingress_held = false;
+        Ok(())
     }
 
     /// Ends the segment (the recording is over) and flushes the output.

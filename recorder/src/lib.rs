@@ -88,8 +88,10 @@
 
 pub mod bpf;
 pub mod capture;
+pub mod control;
 pub mod event;
 pub mod eventlog;
+pub mod freezer;
 pub mod launch;
 pub mod position;
 pub mod procfs;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] [--container-id ID] [--no-vdso] [--no-rdtsc]
-//! rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]
+//! rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--control-fd FD] [--container-id ID] [--cpu N]
 //! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
 //! rrc-recorder --merge-profile [SECCOMP.json]
 //! rrc-recorder verify [--records] FILE
@@ -18,7 +18,9 @@
 //! `--pid-fifo FIFO` the pid to attach to is read from FIFO (what the shim's OCI
 //! `createRuntime` hook writes, before runc installs the container's seccomp filter); with
 //! `--ingress-queue N --netns PATH` the packets entering that network namespace through
-//! NFQUEUE N are logged in the same order before the kernel gets them.
+//! NFQUEUE N are logged in the same order before the kernel gets them; with `--control-fd FD`
+//! the shim's commands arrive on that socket (park the container for a checkpoint, resume it:
+//! `rrc_recorder::control`).
 //! `--merge-profile` prints the OCI `linux.seccomp` profile merged with the recorder's rules
 //! (from the given file, or for a container without a profile) and a report on stderr.
 //! Events are written to FILE (`-` for stdout) as rrc's event log (`--format eventlog`, the
@@ -38,6 +40,7 @@ use rrc_recorder::event::{ExitKind, Sink};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rrc_recorder::control::{Command as ControlCommand, Control, Reply};
 use rrc_recorder::position::SharedPosition;
 use rrc_recorder::stream::{spawn_ingress, StreamSink};
 use rrc_recorder::{launch, profile, EventlogSink, JsonLinesSink, Options, Recorder, Summary};
@@ -96,12 +99,13 @@ struct Args {
     pid_fifo: Option<String>,
     ingress_queue: Option<u16>,
     netns: Option<String>,
+    control_fd: Option<i32>,
 }
 
 const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] \
      [--container-id ID] [--no-vdso] [--no-rdtsc]\n       \
      rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE \
-     [--ingress-queue N --netns PATH] [--container-id ID] [--cpu N]\n       \
+     [--ingress-queue N --netns PATH] [--control-fd FD] [--container-id ID] [--cpu N]\n       \
      rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] \
      [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
      rrc-recorder --merge-profile [SECCOMP.json]\n       \
@@ -139,6 +143,9 @@ fn parse_args() -> Result<Args> {
                 )
             }
             "--netns" => args.netns = Some(value("--netns")?),
+            "--control-fd" => {
+                args.control_fd = Some(value("--control-fd")?.parse().context("--control-fd")?)
+            }
             "--no-vdso" => args.no_vdso = true,
             "--no-rdtsc" => args.no_rdtsc = true,
             "--merge-profile" => {
@@ -308,8 +315,8 @@ fn run() -> Result<ExitCode> {
     if let Some(position) = &args.position_file {
         return record_streaming(&args, pid, position, opts);
     }
-    if args.ingress_queue.is_some() || args.netns.is_some() {
-        bail!("--ingress-queue and --netns need --position-file\n{USAGE}");
+    if args.ingress_queue.is_some() || args.netns.is_some() || args.control_fd.is_some() {
+        bail!("--ingress-queue, --netns and --control-fd need --position-file\n{USAGE}");
     }
     let summary = with_sink(&args, format!("pid-{pid}"), &mut |sink| {
         let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, sink, opts);
@@ -335,6 +342,40 @@ fn read_pid(path: &str) -> Result<i32> {
         bail!("{path} gave pid {pid}");
     }
     Ok(pid)
+}
+
+/// How long a command from the shim may take (a park waits for every thread, then the freeze).
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the shim's commands on the stream socket `fd` (see `rrc_recorder::control`): one line
+/// per command, one per answer. When the shim closes it the control closes, and a parked
+/// container is resumed.
+fn spawn_control(fd: i32) -> Result<Arc<Control>> {
+    use std::io::BufRead;
+    use std::os::fd::FromRawFd;
+    // SAFETY: the shim passes a socket it opened for us as this descriptor; nothing else in
+    // this process owns or closes it.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let mut out = stream.try_clone().context("the control socket")?;
+    let control = Arc::new(Control::default());
+    let c = control.clone();
+    std::thread::Builder::new()
+        .name("rrc-control".into())
+        .spawn(move || {
+            for line in io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let reply = match ControlCommand::parse(&line) {
+                    Ok(cmd) => c.call(cmd, CONTROL_TIMEOUT),
+                    Err(e) => Reply::Error(e),
+                };
+                if writeln!(out, "{}", reply.line()).is_err() {
+                    break;
+                }
+            }
+            c.close();
+        })
+        .context("starting the control thread")?;
+    Ok(control)
 }
 
 /// `--pid` with `--position-file`: the recording of a replicated container.
@@ -365,8 +406,15 @@ fn record_streaming(args: &Args, pid: i32, position: &str, opts: Options) -> Res
         (None, None) => None,
         _ => bail!("--ingress-queue and --netns go together\n{USAGE}"),
     };
+    let control = match args.control_fd {
+        Some(fd) => Some(spawn_control(fd)?),
+        None => None,
+    };
     let result = {
         let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, &mut sink, opts);
+        if let Some(c) = &control {
+            rec = rec.with_control(c.clone());
+        }
         rec.attach(pid)
             .map_err(anyhow::Error::from)
             .and_then(|()| Ok(rec.run()?))

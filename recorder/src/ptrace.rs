@@ -196,10 +196,13 @@ pub type Regs = libc::user_regs_struct;
 /// The tracing operations the recorder needs. [`Ptrace`] is the real one.
 pub trait Tracer {
     /// Waits for the next stop or exit of any tracee of this thread; `None` when there is none
-    /// left (ECHILD).
+    /// left (ECHILD). A signal interrupting the wait (the control's wake-up, see
+    /// [`crate::control`]) returns an error of kind [`io::ErrorKind::Interrupted`].
     fn wait(&mut self) -> io::Result<Option<(Tid, i32)>>;
     /// `PTRACE_SEIZE` with `options`.
     fn seize(&mut self, tid: Tid, options: u32) -> io::Result<()>;
+    /// `PTRACE_DETACH` of a stopped tracee (it resumes, or stays frozen if its cgroup is).
+    fn detach(&mut self, tid: Tid) -> io::Result<()>;
     /// `PTRACE_INTERRUPT`.
     fn interrupt(&mut self, tid: Tid) -> io::Result<()>;
     /// Resumes a stopped tracee, delivering `sig` (0 for none).
@@ -239,6 +242,13 @@ pub trait Tracer {
     fn exe(&mut self, pid: Tid) -> Option<String> {
         crate::procfs::exe(pid)
     }
+    /// Freezes (and waits until frozen) or thaws the cgroup of process `pid`
+    /// ([`crate::freezer`]).
+    fn freeze(&mut self, pid: Tid, frozen: bool) -> io::Result<()> {
+        crate::freezer::of_process(pid)
+            .and_then(|f| f.set(frozen))
+            .map_err(io::Error::other)
+    }
 }
 
 /// The real [`Tracer`]: the calling thread is the tracer.
@@ -269,26 +279,28 @@ fn ptrace(req: libc::c_uint, tid: Tid, addr: usize, data: usize) -> io::Result<l
 
 impl Tracer for Ptrace {
     fn wait(&mut self) -> io::Result<Option<(Tid, i32)>> {
-        loop {
-            let mut status = 0;
-            // SAFETY: `status` is a valid out-pointer. `__WNOTHREAD` limits the wait to this
-            // thread's own children and tracees, so a recorder running on one thread of a larger
-            // process (tests) neither steals nor loses anyone else's children.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD) };
-            if pid > 0 {
-                return Ok(Some((pid, status)));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ECHILD) => return Ok(None),
-                _ => return Err(err),
-            }
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer. `__WNOTHREAD` limits the wait to this
+        // thread's own children and tracees, so a recorder running on one thread of a larger
+        // process (tests) neither steals nor loses anyone else's children.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD) };
+        if pid > 0 {
+            return Ok(Some((pid, status)));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ECHILD) => Ok(None),
+            // EINTR comes back as an error of kind Interrupted (the control's wake-up).
+            _ => Err(err),
         }
     }
 
     fn seize(&mut self, tid: Tid, options: u32) -> io::Result<()> {
         ptrace(PTRACE_SEIZE, tid, 0, options as usize).map(drop)
+    }
+
+    fn detach(&mut self, tid: Tid) -> io::Result<()> {
+        ptrace(libc::PTRACE_DETACH, tid, 0, 0).map(drop)
     }
 
     fn interrupt(&mut self, tid: Tid) -> io::Result<()> {

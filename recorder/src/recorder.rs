@@ -27,9 +27,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::sync::Arc;
 
 use crate::bpf::{AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
 use crate::capture::{self, EntrySnapshot, MemRead};
+use crate::control::{Command, Control, Reply};
 use crate::event::{CreateKind, Event, ExitKind, MemWrite, Sink, SyscallRecord, Tid};
 use crate::ptrace::{self, Regs, Resume, Stop, Tracer};
 use crate::syscalls::{self, Class};
@@ -141,6 +143,34 @@ struct Thread {
     inject_tsc_at_exit: bool,
     /// Its id in its own pid namespace, read when it was seized (attached threads only).
     ns_tid: Option<i32>,
+    /// Kept in a group-stop (job control, `PTRACE_LISTEN`) since its last stop.
+    job_stopped: bool,
+}
+
+impl Thread {
+    fn new(tgid: Tid, state: State, ns_tid: Option<i32>) -> Thread {
+        Thread {
+            tgid,
+            state,
+            last: now_ns(),
+            inject_tsc_at_exit: false,
+            ns_tid,
+            job_stopped: false,
+        }
+    }
+}
+
+/// How long every thread has to reach its park stop before a checkpoint is given up.
+pub const PARK_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// A park in progress (see [`Recorder`], "Parking for a checkpoint").
+#[derive(Debug)]
+struct Park {
+    epoch: u64,
+    /// `now_ns` after which the park is given up.
+    deadline: u64,
+    /// The threads stopped so far, and whether each is in a group-stop.
+    parked: HashMap<Tid, bool>,
 }
 
 /// The recorder. `T` does the tracing (the real [`ptrace::Ptrace`] or a test double), `S`
@@ -169,6 +199,14 @@ pub struct Recorder<T: Tracer, S: Sink> {
     syscall_insn: HashMap<Tid, u64>,
     root: Option<Tid>,
     summary: Summary,
+    /// Commands from the shim (checkpoints), if any.
+    control: Option<Arc<Control>>,
+    /// A park in progress.
+    park: Option<Park>,
+    /// Parked and detached for a checkpoint: nothing is traced until `resume`.
+    detached: bool,
+    /// A park asked for during the attach barrier: started once it is passed.
+    park_after_attach: Option<u64>,
 }
 
 impl<T: Tracer, S: Sink> std::fmt::Debug for Recorder<T, S> {
@@ -227,7 +265,17 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             syscall_insn: HashMap::new(),
             root: None,
             summary: Summary::default(),
+            control: None,
+            park: None,
+            detached: false,
+            park_after_attach: None,
         }
+    }
+
+    /// Takes commands from `control` while recording (checkpoints: see the module docs).
+    pub fn with_control(mut self, control: Arc<Control>) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// The sink back (after [`Recorder::run`]).
@@ -268,16 +316,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                     Err(err) => return Err(RecordError::Attach { pid, err }),
                 }
                 let ns_tid = self.tracer.status(tid).ok().and_then(|s| s.ns_tid);
-                self.threads.insert(
-                    tid,
-                    Thread {
-                        tgid: pid,
-                        state: State::Attaching,
-                        last: now_ns(),
-                        inject_tsc_at_exit: false,
-                        ns_tid,
-                    },
-                );
+                self.threads
+                    .insert(tid, Thread::new(pid, State::Attaching, ns_tid));
                 self.attaching += 1;
             }
         }
@@ -304,24 +344,52 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
     /// `clock_gettime` syscall, never the vDSO, and lifts the flag around its own `rdtsc`.)
     pub fn run(&mut self) -> Result<Summary, RecordError> {
         let _tsc = self.opts.trap_rdtsc.then(SelfNoTsc::set);
-        while let Some((tid, status)) = self.tracer.wait().map_err(|err| RecordError::Trace {
-            what: "waitpid",
-            tid: -1,
-            err,
-        })? {
-            self.summary.stops += 1;
-            self.handle(tid, status)?;
+        if let Some(c) = &self.control {
+            c.bind_current_thread();
         }
+        let result = self.run_loop();
+        if let Some(c) = &self.control {
+            c.end();
+        }
+        result?;
         self.sink.flush().map_err(RecordError::Sink)?;
         Ok(self.summary.clone())
+    }
+
+    fn run_loop(&mut self) -> Result<(), RecordError> {
+        loop {
+            self.poll_control()?;
+            match self.tracer.wait() {
+                Ok(Some((tid, status))) => {
+                    self.summary.stops += 1;
+                    self.handle(tid, status)?;
+                }
+                Ok(None) => return Ok(()),
+                // The control's wake-up: a command may be waiting.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    return Err(RecordError::Trace {
+                        what: "waitpid",
+                        tid: -1,
+                        err,
+                    })
+                }
+            }
+        }
     }
 
     /// Handles one `waitpid` report.
     pub fn handle(&mut self, tid: Tid, status: i32) -> Result<(), RecordError> {
         let stop = Stop::decode(status);
         match stop {
-            Stop::Exited(code) => return self.on_exit(tid, ExitKind::Exited(code)),
-            Stop::Killed(sig) => return self.on_exit(tid, ExitKind::Killed(sig)),
+            Stop::Exited(code) => {
+                self.on_exit(tid, ExitKind::Exited(code))?;
+                return self.maybe_finish_park();
+            }
+            Stop::Killed(sig) => {
+                self.on_exit(tid, ExitKind::Killed(sig))?;
+                return self.maybe_finish_park();
+            }
             _ => {}
         }
         let Some(thread) = self.threads.get_mut(&tid) else {
@@ -336,7 +404,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             self.deferred.push((tid, status));
             return self.maybe_finish_attach();
         }
-        self.on_stop(tid, stop, false)
+        thread.job_stopped = false;
+        self.on_stop(tid, stop, false)?;
+        self.maybe_finish_park()
     }
 
     fn maybe_finish_attach(&mut self) -> Result<(), RecordError> {
@@ -386,6 +456,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         for (tid, status) in std::mem::take(&mut self.deferred) {
             self.on_stop(tid, Stop::decode(status), true)?;
         }
+        if let Some(epoch) = self.park_after_attach.take() {
+            self.start_park(epoch)?;
+        }
         Ok(())
     }
 
@@ -408,7 +481,12 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
 
     fn resume_as(&mut self, tid: Tid, how: Resume, sig: i32) -> Result<(), RecordError> {
         // Killed meanwhile (e.g. another thread's exit_group): its exit report follows.
-        alive(self.tracer.resume(tid, how, sig), "resume", tid)?;
+        if alive(self.tracer.resume(tid, how, sig), "resume", tid)?.is_some() && self.park.is_some()
+        {
+            // Any ptrace stop satisfies (and clears) a pending PTRACE_INTERRUPT: while
+            // parking, ask again each time, until the thread stops between system calls.
+            alive(self.tracer.interrupt(tid), "PTRACE_INTERRUPT", tid)?;
+        }
         Ok(())
     }
 
@@ -434,9 +512,15 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 let group_stop = matches!(
                     sig,
                     libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-                );
-                if group_stop && !first {
+                ) && !first;
+                if self.park.is_some() {
+                    return self.park_stop(tid, group_stop);
+                }
+                if group_stop {
                     // Job control: stay stopped until SIGCONT, which reports another stop.
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.job_stopped = true;
+                    }
                     self.resume_as(tid, Resume::Listen, 0)
                 } else {
                     self.resume(tid, 0)
@@ -633,16 +717,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             flags,
             gap_ns,
         })?;
-        self.threads.insert(
-            child,
-            Thread {
-                tgid: child_tgid,
-                state: State::Running,
-                last: now_ns(),
-                inject_tsc_at_exit: false,
-                ns_tid: None,
-            },
-        );
+        self.threads
+            .insert(child, Thread::new(child_tgid, State::Running, None));
         if kind != CreateKind::Thread {
             if let Some(&insn) = self.syscall_insn.get(&parent_tgid) {
                 // Same memory image (fork copies it, vfork shares it).
@@ -683,13 +759,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 how: ExitKind::ReplacedByExec,
             })?;
         }
-        let mut thread = carried.unwrap_or(Thread {
-            tgid: tid,
-            state: State::Running,
-            last: now_ns(),
-            inject_tsc_at_exit: false,
-            ns_tid: None,
-        });
+        let mut thread = carried.unwrap_or_else(|| Thread::new(tid, State::Running, None));
         thread.tgid = tid;
         let (path, gap_ns) = match &thread.state {
             State::InSyscall(p) => (p.entry.path.clone(), p.gap_ns),
@@ -758,6 +828,9 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         if self.root == Some(tid) {
             self.summary.root_exit = Some(how);
         }
+        if let Some(p) = self.park.as_mut() {
+            p.parked.remove(&tid);
+        }
         match self.threads.remove(&tid) {
             Some(t) => {
                 if matches!(t.state, State::Attaching) {
@@ -778,6 +851,304 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 Ok(())
             }
         }
+    }
+
+    /// Takes and carries out a command from the control, if one is waiting; gives up a park
+    /// past its deadline. While detached it blocks until told to resume (or until the control
+    /// closes: then it resumes on its own, so the container is never left frozen).
+    fn poll_control(&mut self) -> Result<(), RecordError> {
+        let Some(c) = self.control.clone() else {
+            return Ok(());
+        };
+        if self.detached {
+            let cmd = c.wait_command();
+            match cmd {
+                Some(Command::Park { .. }) => {
+                    c.answer(Reply::Error("already parked: resume first".into()));
+                }
+                Some(Command::Resume) | None => {
+                    if cmd.is_none() {
+                        tracing::warn!(
+                            "the control closed while the container was parked: resuming it"
+                        );
+                    }
+                    let reply = self.resume_detached()?;
+                    if cmd.is_some() {
+                        c.answer(reply);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if let Some(p) = &self.park {
+            if now_ns() > p.deadline {
+                let missing: Vec<String> = self
+                    .threads
+                    .keys()
+                    .filter(|t| !p.parked.contains_key(t))
+                    .map(ToString::to_string)
+                    .collect();
+                return self.abort_park(format!(
+                    "thread(s) {} did not stop within {} ms (in an uninterruptible system \
+                     call?); the checkpoint is not taken",
+                    missing.join(", "),
+                    PARK_TIMEOUT_NS / 1_000_000
+                ));
+            }
+        }
+        match c.take() {
+            None => Ok(()),
+            Some(Command::Resume) => {
+                // Not parked (a park failed, or none was asked for): already running, traced.
+                c.answer(Reply::Resumed {
+                    threads: self.threads.len(),
+                });
+                Ok(())
+            }
+            Some(Command::Park { epoch }) => self.start_park(epoch),
+        }
+    }
+
+    fn answer(&self, reply: Reply) {
+        if let Some(c) = &self.control {
+            c.answer(reply);
+        }
+    }
+
+    /// Starts parking every thread for the checkpoint of `epoch`: each is interrupted, and
+    /// stays in the stop that interrupt produces (see the module docs).
+    fn start_park(&mut self, epoch: u64) -> Result<(), RecordError> {
+        if self.park.is_some() {
+            self.answer(Reply::Error("a park is already in progress".into()));
+            return Ok(());
+        }
+        if self.root.is_none() {
+            self.answer(Reply::Error("no process is being recorded".into()));
+            return Ok(());
+        }
+        if self.attaching > 0 || !self.deferred.is_empty() {
+            // Parked once every thread is attached.
+            self.park_after_attach = Some(epoch);
+            return Ok(());
+        }
+        if let Some((tid, t)) = self.threads.iter().find(|(_, t)| t.job_stopped) {
+            let why = format!(
+                "process {} is in job-control stop (thread {tid}, SIGSTOP or similar): it \
+                 cannot be checkpointed until it is continued",
+                t.tgid
+            );
+            self.answer(Reply::Error(why));
+            return Ok(());
+        }
+        self.park = Some(Park {
+            epoch,
+            deadline: now_ns().saturating_add(PARK_TIMEOUT_NS),
+            parked: HashMap::new(),
+        });
+        let mut tids: Vec<Tid> = self.threads.keys().copied().collect();
+        tids.sort_unstable();
+        for tid in tids {
+            alive(self.tracer.interrupt(tid), "PTRACE_INTERRUPT", tid)?;
+        }
+        tracing::debug!(epoch, threads = self.threads.len(), "parking");
+        self.maybe_finish_park()
+    }
+
+    /// A `PTRACE_EVENT_STOP` while parking: the thread stays stopped if it is between system
+    /// calls; otherwise it carries on and is interrupted again.
+    ///
+    /// Every ptrace stop satisfies a pending `PTRACE_INTERRUPT` (the kernel clears it at any
+    /// trap), so a thread that hits a seccomp or syscall-exit stop first is interrupted again
+    /// each time it is resumed ([`Recorder::resume_as`]): a blocking call then returns at once
+    /// with a restart code (recorded as its result; it runs again after the checkpoint), and
+    /// the thread stops on its way back to user mode.
+    fn park_stop(&mut self, tid: Tid, group_stop: bool) -> Result<(), RecordError> {
+        let running = matches!(
+            self.threads.get(&tid).map(|t| &t.state),
+            Some(State::Running)
+        );
+        if running {
+            if let Some(p) = self.park.as_mut() {
+                p.parked.insert(tid, group_stop);
+            }
+            return Ok(());
+        }
+        // Resumed and interrupted again (see `resume_as`).
+        self.resume(tid, 0)
+    }
+
+    /// Once every thread is parked: cuts the log, freezes the cgroup, detaches, and answers.
+    fn maybe_finish_park(&mut self) -> Result<(), RecordError> {
+        let Some(p) = &self.park else {
+            return Ok(());
+        };
+        if let Some((&tid, _)) = p.parked.iter().find(|(_, &g)| g) {
+            let tgid = self.threads.get(&tid).map_or(tid, |t| t.tgid);
+            return self.abort_park(format!(
+                "process {tgid} entered job-control stop (thread {tid}): it cannot be \
+                 checkpointed until it is continued"
+            ));
+        }
+        let all = self.held.is_empty() && self.threads.keys().all(|t| p.parked.contains_key(t));
+        if !all {
+            return Ok(());
+        }
+        let epoch = p.epoch;
+        let Some(root) = self.root else {
+            return self.abort_park("no process to checkpoint".into());
+        };
+        let cut = match self.sink.checkpoint(epoch) {
+            Ok(c) => c,
+            Err(e) => return self.abort_park(format!("cutting the log: {e}")),
+        };
+        if let Err(e) = self.tracer.freeze(root, true) {
+            let _ = self.tracer.freeze(root, false);
+            self.sink.checkpoint_done().map_err(RecordError::Sink)?;
+            return self.abort_park(format!("freezing the container's cgroup: {e}"));
+        }
+        let mut tids: Vec<Tid> = self.threads.keys().copied().collect();
+        tids.sort_unstable();
+        let mut detached = Vec::new();
+        for &tid in &tids {
+            match self.tracer.detach(tid) {
+                Ok(()) => detached.push(tid),
+                // Killed meanwhile: still ours; its exit report comes after the resume.
+                Err(e) if is_gone(&e) => {}
+                Err(e) => {
+                    for &d in &detached {
+                        self.reseize(d)?;
+                    }
+                    let _ = self.tracer.freeze(root, false);
+                    self.sink.checkpoint_done().map_err(RecordError::Sink)?;
+                    return self.abort_park(format!("detaching from thread {tid}: {e}"));
+                }
+            }
+        }
+        self.park = None;
+        self.detached = true;
+        tracing::debug!(
+            epoch,
+            seq = cut.seq,
+            offset = cut.offset,
+            "parked and detached"
+        );
+        self.answer(Reply::Parked(cut));
+        Ok(())
+    }
+
+    /// Gives up a park: the threads parked so far carry on; answers with `why`.
+    fn abort_park(&mut self, why: String) -> Result<(), RecordError> {
+        let Some(p) = self.park.take() else {
+            return Ok(());
+        };
+        let mut parked: Vec<(Tid, bool)> = p.parked.into_iter().collect();
+        parked.sort_unstable();
+        for (tid, group_stop) in parked {
+            if group_stop {
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.job_stopped = true;
+                }
+                self.resume_as(tid, Resume::Listen, 0)?;
+            } else {
+                self.resume(tid, 0)?;
+            }
+        }
+        tracing::warn!("checkpoint not taken: {why}");
+        self.answer(Reply::Error(why));
+        Ok(())
+    }
+
+    /// Seizes a thread the recorder detached from, and interrupts it so that it reports a stop
+    /// once it runs (after the thaw).
+    fn reseize(&mut self, tid: Tid) -> Result<(), RecordError> {
+        self.tracer
+            .seize(tid, ptrace::OPTIONS)
+            .and_then(|()| self.tracer.interrupt(tid))
+            .map_err(|err| RecordError::Trace {
+                what: "PTRACE_SEIZE after a checkpoint",
+                tid,
+                err,
+            })
+    }
+
+    /// After the dump: seizes every thread again, thaws, lets ingress in. A thread that cannot
+    /// be traced again ends the recording, and the container is killed first: it could not
+    /// run correctly untraced.
+    fn resume_detached(&mut self) -> Result<Reply, RecordError> {
+        self.detached = false;
+        let Some(root) = self.root else {
+            return Ok(Reply::Resumed { threads: 0 });
+        };
+        let mut tids: Vec<Tid> = self.threads.keys().copied().collect();
+        tids.sort_unstable();
+        let mut failure = None;
+        for &tid in &tids {
+            match self.tracer.seize(tid, ptrace::OPTIONS) {
+                Ok(()) => {
+                    if let Err(e) = self.tracer.interrupt(tid) {
+                        failure.get_or_insert(format!("interrupting thread {tid}: {e}"));
+                    }
+                }
+                Err(e) if is_gone(&e) => {
+                    // Gone while detached (killed): its end was reported to its parent, not
+                    // to the recorder.
+                    tracing::warn!(tid, "thread gone while the container was parked");
+                    self.threads.remove(&tid);
+                    self.emit(Event::ThreadExited {
+                        tid,
+                        how: ExitKind::Killed(libc::SIGKILL),
+                    })?;
+                }
+                Err(e) => {
+                    failure.get_or_insert(format!(
+                        "thread {tid} cannot be traced again ({e}); is another tracer attached?"
+                    ));
+                }
+            }
+        }
+        // Nothing can start a thread while the cgroup is frozen; a stranger would run
+        // unrecorded.
+        let mut tgids: Vec<Tid> = self.threads.values().map(|t| t.tgid).collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        for tgid in &tgids {
+            if let Ok(now) = self.tracer.task_ids(*tgid) {
+                if let Some(new) = now.iter().find(|t| !self.threads.contains_key(t)) {
+                    failure.get_or_insert(format!(
+                        "thread {new} of process {tgid} appeared while the container was parked"
+                    ));
+                }
+            }
+        }
+        let thawed = self.tracer.freeze(root, false);
+        self.sink.checkpoint_done().map_err(RecordError::Sink)?;
+        if let Some(why) = failure {
+            tracing::error!("{why}: the container is killed");
+            for tgid in &tgids {
+                let _ = self.tracer.kill(*tgid, libc::SIGKILL);
+            }
+            self.answer(Reply::Error(format!("{why}; the container was killed")));
+            return Err(RecordError::Trace {
+                what: "resuming after a checkpoint",
+                tid: root,
+                err: io::Error::other(why),
+            });
+        }
+        if let Err(e) = thawed {
+            tracing::error!("thawing the container's cgroup: {e}");
+            return Ok(Reply::Error(format!(
+                "every thread is traced again, but thawing the cgroup failed: {e}"
+            )));
+        }
+        // The pause is not part of any thread's interval.
+        let now = now_ns();
+        for t in self.threads.values_mut() {
+            t.last = now;
+        }
+        tracing::debug!(threads = self.threads.len(), "resumed after a checkpoint");
+        Ok(Reply::Resumed {
+            threads: self.threads.len(),
+        })
     }
 
     /// Patches the vDSO of process `tgid` (through thread `tid`). Failures are reported as
@@ -1125,12 +1496,20 @@ mod tests {
     use crate::event::VecSink;
     use crate::ptrace::{SigInfo, SyscallInfo};
     use std::collections::VecDeque;
+    use std::sync::Arc;
 
     /// A scripted tracer: `wait` replays `stops`; every other call answers from queues and is
     /// logged.
     #[derive(Default)]
     struct Fake {
         stops: VecDeque<(Tid, i32)>,
+        /// When set, stops come from here instead (`None`: an interrupted wait), so a test
+        /// thread can interleave them with control commands.
+        feed: Option<std::sync::mpsc::Receiver<Option<(Tid, i32)>>>,
+        /// interrupt / seize / detach / freeze / thaw calls, in order.
+        ops: Vec<String>,
+        /// Threads `seize` refuses (EPERM) after their first seize.
+        unseizable: Vec<Tid>,
         infos: VecDeque<SyscallInfo>,
         msgs: VecDeque<u64>,
         mem: HashMap<u64, Vec<u8>>,
@@ -1145,12 +1524,34 @@ mod tests {
 
     impl Tracer for Fake {
         fn wait(&mut self) -> io::Result<Option<(Tid, i32)>> {
+            if let Some(feed) = &self.feed {
+                return match feed.recv() {
+                    Ok(Some(stop)) => Ok(Some(stop)),
+                    Ok(None) => Err(io::ErrorKind::Interrupted.into()),
+                    Err(_) => Ok(None),
+                };
+            }
             Ok(self.stops.pop_front())
         }
-        fn seize(&mut self, _: Tid, _: u32) -> io::Result<()> {
+        fn seize(&mut self, tid: Tid, _: u32) -> io::Result<()> {
+            let again = self.ops.contains(&format!("seize {tid}"));
+            self.ops.push(format!("seize {tid}"));
+            if again && self.unseizable.contains(&tid) {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
             Ok(())
         }
-        fn interrupt(&mut self, _: Tid) -> io::Result<()> {
+        fn interrupt(&mut self, tid: Tid) -> io::Result<()> {
+            self.ops.push(format!("interrupt {tid}"));
+            Ok(())
+        }
+        fn detach(&mut self, tid: Tid) -> io::Result<()> {
+            self.ops.push(format!("detach {tid}"));
+            Ok(())
+        }
+        fn freeze(&mut self, pid: Tid, frozen: bool) -> io::Result<()> {
+            self.ops
+                .push(format!("{} {pid}", if frozen { "freeze" } else { "thaw" }));
             Ok(())
         }
         fn resume(&mut self, tid: Tid, how: Resume, sig: i32) -> io::Result<()> {
@@ -1443,5 +1844,171 @@ mod tests {
             },
         ];
         assert!(check_order(&ev).is_err());
+    }
+
+    type Feed = std::sync::mpsc::Sender<Option<(Tid, i32)>>;
+    type Finished = std::thread::JoinHandle<(Result<Summary, String>, Fake, VecSink)>;
+
+    /// Runs a recorder of process 100 (threads `tasks`) on a thread of its own, fed by the
+    /// returned sender; `f` is set up first.
+    fn threaded(tasks: Vec<Tid>, f: impl FnOnce(&mut Fake)) -> (Feed, Arc<Control>, Finished) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut fake = Fake {
+            feed: Some(rx),
+            ..Fake::default()
+        };
+        for &t in &tasks {
+            fake.tgids.insert(t, 100);
+        }
+        fake.tasks.insert(100, tasks);
+        f(&mut fake);
+        let control = Arc::new(Control::default());
+        let c = control.clone();
+        let opts = Options {
+            patch_vdso: false,
+            trap_rdtsc: false,
+        };
+        let h = std::thread::spawn(move || {
+            let mut rec = Recorder::new(fake, VecSink::default(), opts).with_control(c);
+            let r = rec.attach(100).map_err(|e| e.to_string());
+            let r = r.and_then(|()| rec.run().map_err(|e| e.to_string()));
+            let Recorder { tracer, sink, .. } = rec;
+            (r, tracer, sink)
+        });
+        (tx, control, h)
+    }
+
+    /// Calls the control from another thread, waking the recorder's (fake) wait meanwhile.
+    fn call(tx: &Feed, control: &Arc<Control>, cmd: Command) -> std::thread::JoinHandle<Reply> {
+        let c = control.clone();
+        let h = std::thread::spawn(move || c.call(cmd, std::time::Duration::from_secs(10)));
+        // The command is posted before the wake-up is fed (the call posts at once).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        tx.send(None).expect("feed");
+        h
+    }
+
+    const STOP: fn() -> i32 = || stopped(libc::SIGTRAP, ptrace::EVENT_STOP);
+
+    #[test]
+    fn a_park_cuts_freezes_and_detaches_and_a_resume_seizes_again() {
+        let (tx, control, rec) = threaded(vec![100, 101], |_| {});
+        tx.send(Some((100, STOP()))).expect("feed");
+        tx.send(Some((101, STOP()))).expect("feed");
+        let parked = call(&tx, &control, Command::Park { epoch: 4 });
+        // Both threads reach their interrupt stop.
+        tx.send(Some((101, STOP()))).expect("feed");
+        tx.send(Some((100, STOP()))).expect("feed");
+        let cut = match parked.join().expect("call") {
+            Reply::Parked(cut) => cut,
+            other => panic!("not parked: {other:?}"),
+        };
+        // Parked: a resume seizes both again, thaws, and they carry on.
+        let resumed = control.call(Command::Resume, std::time::Duration::from_secs(10));
+        assert_eq!(resumed, Reply::Resumed { threads: 2 });
+        tx.send(Some((100, STOP()))).expect("feed");
+        tx.send(Some((101, STOP()))).expect("feed");
+        tx.send(Some((101, 0))).expect("feed");
+        tx.send(Some((100, 0))).expect("feed");
+        drop(tx);
+        let (r, fake, sink) = rec.join().expect("recorder");
+        r.expect("run");
+        assert_eq!(sink.cuts, vec![(4, 2)]);
+        assert_eq!(cut.seq, 3);
+        assert!(!sink.in_checkpoint, "ingress held after the resume");
+        assert_eq!(
+            fake.ops,
+            [
+                "seize 100",
+                "seize 101",
+                "interrupt 100",
+                "interrupt 101",
+                "interrupt 100",
+                "interrupt 101",
+                "freeze 100",
+                "detach 100",
+                "detach 101",
+                "seize 100",
+                "interrupt 100",
+                "seize 101",
+                "interrupt 101",
+                "thaw 100",
+            ]
+        );
+        // Parked threads were not resumed until the checkpoint was over: after the attach,
+        // each thread is resumed exactly once more, after the resume.
+        let resumed: Vec<Tid> = fake.resumed.iter().map(|r| r.0).collect();
+        assert_eq!(resumed, [100, 101, 100, 101]);
+        // Another park after the recording ended is refused.
+        assert!(matches!(
+            control.call(Command::Park { epoch: 5 }, std::time::Duration::from_secs(1)),
+            Reply::Error(e) if e.contains("ended")
+        ));
+    }
+
+    #[test]
+    fn a_thread_in_a_syscall_parks_after_its_exit_stop() {
+        let (tx, control, rec) = threaded(vec![100], |f| {
+            f.infos
+                .extend([seccomp(0, [3, 0x1000, 8, 0, 0, 0]), exit(-512)]);
+        });
+        tx.send(Some((100, STOP()))).expect("feed");
+        // In a read when the park starts: the read is interrupted, then the thread stops.
+        tx.send(Some((100, stopped(libc::SIGTRAP, ptrace::EVENT_SECCOMP))))
+            .expect("feed");
+        let parked = call(&tx, &control, Command::Park { epoch: 1 });
+        tx.send(Some((100, stopped(libc::SIGTRAP | 0x80, 0))))
+            .expect("feed");
+        tx.send(Some((100, STOP()))).expect("feed");
+        let reply = parked.join().expect("call");
+        assert!(matches!(reply, Reply::Parked(_)), "{reply:?}");
+        assert_eq!(
+            control.call(Command::Resume, std::time::Duration::from_secs(10)),
+            Reply::Resumed { threads: 1 }
+        );
+        tx.send(Some((100, 0))).expect("feed");
+        drop(tx);
+        let (r, _, sink) = rec.join().expect("recorder");
+        r.expect("run");
+        // The interrupted read is recorded before the cut, as the restart code.
+        let (_, before) = sink.cuts[0];
+        assert!(matches!(&sink.events[before - 1], Event::Syscall(s) if s.ret == Some(-512)));
+    }
+
+    #[test]
+    fn a_job_stopped_process_is_not_parked() {
+        let (tx, control, rec) = threaded(vec![100], |_| {});
+        tx.send(Some((100, STOP()))).expect("feed");
+        tx.send(Some((100, stopped(libc::SIGSTOP, ptrace::EVENT_STOP))))
+            .expect("feed");
+        let parked = call(&tx, &control, Command::Park { epoch: 1 });
+        match parked.join().expect("call") {
+            Reply::Error(e) => assert!(e.contains("job-control stop"), "{e}"),
+            other => panic!("parked a stopped process: {other:?}"),
+        }
+        tx.send(Some((100, 0))).expect("feed");
+        drop(tx);
+        let (r, fake, sink) = rec.join().expect("recorder");
+        r.expect("run");
+        assert!(sink.cuts.is_empty());
+        assert!(!fake.ops.iter().any(|o| o.starts_with("freeze")));
+    }
+
+    #[test]
+    fn a_thread_that_cannot_be_seized_again_ends_the_recording_and_the_container() {
+        let (tx, control, rec) = threaded(vec![100], |f| f.unseizable.push(100));
+        tx.send(Some((100, STOP()))).expect("feed");
+        let parked = call(&tx, &control, Command::Park { epoch: 1 });
+        tx.send(Some((100, STOP()))).expect("feed");
+        assert!(matches!(parked.join().expect("call"), Reply::Parked(_)));
+        match control.call(Command::Resume, std::time::Duration::from_secs(10)) {
+            Reply::Error(e) => assert!(e.contains("cannot be traced again"), "{e}"),
+            other => panic!("resumed: {other:?}"),
+        }
+        drop(tx);
+        let (r, fake, _) = rec.join().expect("recorder");
+        assert!(r.is_err());
+        // Thawed so that the kill takes effect.
+        assert!(fake.ops.iter().any(|o| o == "thaw 100"));
     }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use rrc_output_hold::netlink::NfQueue;
 
-use crate::event::{Event, Sink};
+use crate::event::{Cut, Event, Sink};
 use crate::eventlog::{EventlogSink, SinkStats};
 use crate::position::{PublishingWriter, SharedPosition, STATE_ATTACHED, STATE_ENDED};
 
@@ -83,6 +83,14 @@ impl<W: io::Write> Sink for StreamSink<W> {
         self.lock()?.attached()?;
         self.position.set_state(STATE_ATTACHED);
         Ok(())
+    }
+
+    fn checkpoint(&mut self, epoch: u64) -> io::Result<Cut> {
+        self.lock()?.checkpoint(epoch)
+    }
+
+    fn checkpoint_done(&mut self) -> io::Result<()> {
+        self.lock()?.checkpoint_done()
     }
 }
 

@@ -901,3 +901,130 @@ fn eventlog_tcp_streams_rebuild_what_each_client_sent() {
 fn eventlog_tcp_streams_rebuild_with_a_thread_per_connection() {
     tcp_recorded(&[50_000, 50_000, 30_000, 1], true);
 }
+
+/// A freezer cgroup of cgroup v1 for one test, removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let (v1, _) = crate::freezer::parse_mountinfo(&info);
+        let root = v1.expect("this platform mounts the cgroup v1 freezer (PLATFORM.md)");
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        TestCgroup(dir)
+    }
+
+    fn add(&self, pid: i32) {
+        std::fs::write(self.0.join("tasks"), pid.to_string()).expect("join the cgroup");
+    }
+
+    fn state(&self) -> String {
+        std::fs::read_to_string(self.0.join("freezer.state"))
+            .expect("freezer.state")
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn tracer_pid(tid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn parking_for_checkpoints_leaves_a_running_program_correct() {
+    use crate::control::{Command as Ctl, Control, Reply};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let cg = TestCgroup::new("rrc-recorder-park");
+    let (f, fd) = capture_file();
+    // Two threads taking turns on a mutex: futex calls (traced) all the way through.
+    let cmd = Command::new(prog()).args(["mutex", "400000"]).stdout(fd);
+    let pid = crate::launch::spawn_stopped(&cmd).expect("spawn");
+    cg.add(pid);
+    let control = Arc::new(Control::default());
+    let mut rec = crate::Recorder::new(
+        crate::ptrace::Ptrace,
+        EventlogSink::new(Vec::new(), "parked"),
+        Options::default(),
+    )
+    .with_control(control.clone());
+    rec.attach(pid).expect("attach");
+    let c = control.clone();
+    let cg_dir = cg.0.clone();
+    let driver = std::thread::spawn(move || {
+        let mut cycles = Vec::new();
+        for epoch in 1..=5u64 {
+            std::thread::sleep(Duration::from_millis(40));
+            match c.call(Ctl::Park { epoch }, Duration::from_secs(10)) {
+                Reply::Parked(cut) => {
+                    // Parked: frozen, and no thread is traced (CRIU could seize them now).
+                    let state =
+                        std::fs::read_to_string(cg_dir.join("freezer.state")).unwrap_or_default();
+                    let tids = crate::procfs::task_ids(pid).unwrap_or_default();
+                    let traced: Vec<i32> = tids
+                        .iter()
+                        .copied()
+                        .filter(|&t| tracer_pid(t).unwrap_or(0) != 0)
+                        .collect();
+                    std::thread::sleep(Duration::from_millis(30));
+                    let resumed = c.call(Ctl::Resume, Duration::from_secs(10));
+                    cycles.push((epoch, cut, state.trim().to_string(), traced, resumed));
+                }
+                Reply::Error(e) if e.contains("ended") => break,
+                other => panic!("park {epoch}: {other:?}"),
+            }
+        }
+        cycles
+    });
+    let summary = rec.run().expect("run");
+    let cycles = driver.join().expect("driver");
+    let log = rec.into_sink().finish().expect("finish");
+    let out = String::from_utf8_lossy(&read_back(f)).into_owned();
+    assert_eq!(summary.root_exit, Some(ExitKind::Exited(0)), "{out}");
+    // Every increment of both threads happened: no futex call ever failed untraced.
+    assert_eq!(out.trim(), "800000");
+    assert!(
+        cycles.len() >= 3,
+        "only {} park cycles: {cycles:?}",
+        cycles.len()
+    );
+    for (epoch, _, state, traced, resumed) in &cycles {
+        assert_eq!(state, "FROZEN", "epoch {epoch}");
+        assert!(traced.is_empty(), "epoch {epoch}: still traced {traced:?}");
+        assert!(
+            matches!(resumed, Reply::Resumed { threads } if *threads >= 1),
+            "epoch {epoch}: {resumed:?}"
+        );
+    }
+    assert_eq!(cg.state(), "THAWED");
+    // The log is whole and cut where the recorder said.
+    let check = checked(&log);
+    let starts: Vec<(u64, u64)> = check
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            rrc_eventlog::Record::SegmentStart(s) => Some((s.epoch, s.base_seq)),
+            _ => None,
+        })
+        .collect();
+    let expect: Vec<(u64, u64)> = std::iter::once((0, 1))
+        .chain(cycles.iter().map(|(e, cut, ..)| (*e, cut.seq)))
+        .collect();
+    assert_eq!(starts, expect);
+    for (_, cut, ..) in &cycles {
+        let at = usize::try_from(cut.offset).expect("offset");
+        assert_eq!(&log[at..at + 8], b"RRCEVLOG", "a segment header at the cut");
+    }
+}
