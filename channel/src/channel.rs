@@ -427,6 +427,9 @@ pub async fn connect(addr: &str, cfg: Config) -> Result<Channel, ChannelError> {
     establish(stream, cfg).await
 }
 
+/// How often a reader blocked on a full incoming queue notes the peer as alive.
+const LIVENESS_TICK: Duration = Duration::from_millis(10);
+
 async fn read_loop(mut r: Reader, shared: Arc<Shared>, tx: mpsc::Sender<Incoming>) {
     let mut closed = shared.closed.subscribe();
     loop {
@@ -486,9 +489,25 @@ async fn read_loop(mut r: Reader, shared: Arc<Shared>, tx: mpsc::Sender<Incoming
                     stream,
                     payload: payload.to_vec(),
                 };
-                // A full queue stops reading: TCP then pushes back on the sender.
-                if tx.send(msg).await.is_err() {
-                    return;
+                // A full queue stops reading: TCP then pushes back on the sender. Meanwhile the
+                // peer is not silent, this side is slow: the liveness clock keeps running, or
+                // a consumer busy longer than the timeout (a large checkpoint being applied)
+                // would declare a live peer dead. A peer that dies meanwhile is declared dead
+                // once the queue drains and the frames it sent before dying are read.
+                let permit = loop {
+                    tokio::select! {
+                        p = tx.reserve() => break p,
+                        _ = tokio::time::sleep(LIVENESS_TICK) => {
+                            if let Ok(mut t) = shared.last_heard.lock() {
+                                *t = Instant::now();
+                            }
+                        }
+                        _ = closed.wait_for(|c| *c) => return,
+                    }
+                };
+                match permit {
+                    Ok(p) => p.send(msg),
+                    Err(_) => return,
                 }
             }
             Kind::Reject => {

@@ -301,6 +301,35 @@ async fn silent_peer_is_declared_dead() {
 }
 
 #[tokio::test]
+async fn a_slow_consumer_does_not_take_its_peer_for_dead() {
+    // The backup's queue fills while it is busy (longer than the 400 ms timeout); the
+    // primary keeps sending. Neither side may declare the other dead.
+    let (p, b) = pair(cfg(KEY, "c", Role::Primary), cfg(KEY, "c", Role::Backup)).await;
+    let (p, mut b) = (Arc::new(ok(p)), ok(b));
+    let sender = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            for i in 0..200u32 {
+                p.send(0, &i.to_le_bytes()).await?;
+            }
+            Ok::<(), ChannelError>(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for i in 0..200u32 {
+        let m = tokio::time::timeout(Duration::from_secs(2), b.recv())
+            .await
+            .expect("a message")
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(m.payload, i.to_le_bytes());
+        b.acknowledge(m.seq).await.expect("ack");
+    }
+    sender.await.expect("task").expect("all sent");
+    assert!(b.error().is_none(), "{:?}", b.error());
+    assert!(p.error().is_none(), "{:?}", p.error());
+}
+
+#[tokio::test]
 async fn a_full_window_makes_the_sender_wait() {
     let mut pc = cfg(KEY, "c", Role::Primary);
     pc.window = 1000;
