@@ -80,6 +80,11 @@ pub const KEYS: &[KeyDoc] = &[
         default: "(none: not pinned)",
         help: "hybrid mode: a CPU number; the recorder and the container are pinned to it (a recorded system call costs several times more when the recorder wakes on another CPU than its container)",
     },
+    KeyDoc {
+        key: "log-archive",
+        default: "(none: discarded)",
+        help: "hybrid mode, primary: an absolute directory where the event log is kept instead of discarded once a checkpoint after it is committed (one file per container, NAMESPACE-ID.rrclog; for audits and rrc-recorder verify; it grows without bound)",
+    },
 ];
 
 /// Documentation of one configuration key.
@@ -317,6 +322,8 @@ pub struct RrcConfig {
     pub on_recorder_failure: RecorderFailurePolicy,
     /// Hybrid mode: the CPU the recorder and the container are pinned to.
     pub recorder_cpu: Option<u32>,
+    /// Hybrid mode: where the primary appends the log it would otherwise discard.
+    pub log_archive: Option<PathBuf>,
     /// Where each explicitly set key came from, for reports.
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -334,6 +341,7 @@ impl Default for RrcConfig {
             failover_timeout: Duration::from_millis(500),
             on_recorder_failure: RecorderFailurePolicy::Stop,
             recorder_cpu: None,
+            log_archive: None,
             sources: BTreeMap::new(),
         }
     }
@@ -470,6 +478,26 @@ impl RrcConfig {
                         ));
                     }
                     cfg.recorder_cpu = Some(cpu);
+                }
+                "log-archive" => {
+                    let path = PathBuf::from(v);
+                    if !path.is_absolute() {
+                        return Err(invalid(
+                            key,
+                            value,
+                            source,
+                            "must be an absolute directory path".into(),
+                        ));
+                    }
+                    if path.exists() && !path.is_dir() {
+                        return Err(invalid(
+                            key,
+                            value,
+                            source,
+                            "exists and is not a directory".into(),
+                        ));
+                    }
+                    cfg.log_archive = Some(path);
                 }
                 // `known_key` only lets through the keys in KEYS, all handled above.
                 other => {

@@ -223,6 +223,7 @@ fn every_key_is_documented_and_parsed() {
         ("failover-timeout-ms", "500"),
         ("on-recorder-failure", "continue-unprotected"),
         ("recorder-cpu", "1"),
+        ("log-archive", "/var/lib/rrc/logs"),
     ]
     .into_iter()
     .collect();
@@ -247,4 +248,16 @@ fn recorder_cpu_is_a_cpu_number() {
         let err = load(&ann(&[("recorder-cpu", bad)])).expect_err(bad);
         assert!(err.to_string().contains("recorder-cpu"), "{err}");
     }
+}
+
+#[test]
+fn log_archive_is_an_absolute_directory() {
+    let cfg = load(&ann(&[("log-archive", "/var/lib/rrc/logs")])).expect("valid");
+    assert_eq!(cfg.log_archive, Some(PathBuf::from("/var/lib/rrc/logs")));
+    let err = load(&ann(&[("log-archive", "logs")])).expect_err("relative");
+    assert!(err.to_string().contains("absolute directory"), "{err}");
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    let err =
+        load(&ann(&[("log-archive", &file.path().display().to_string())])).expect_err("a file");
+    assert!(err.to_string().contains("not a directory"), "{err}");
 }

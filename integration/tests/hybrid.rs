@@ -35,8 +35,55 @@ fn bed(workload: Workload) -> Result<Option<(MutexGuard<'static, ()>, Pair)>> {
     let mut pair = Pair::new()?;
     pair.mode = Some("hybrid".into());
     pair.workload = workload;
+    // Several checkpoints during each load; the primary keeps the log it discards in an
+    // archive, so the tests can still prove the whole log complete.
+    pair.annotations = vec![
+        format!("io.containerd.rrc.epoch-ms={EPOCH_MS}"),
+        format!(
+            "io.containerd.rrc.log-archive={}",
+            pair.bed.dir().join(ARCHIVE_DIR).display()
+        ),
+    ];
     Ok(Some((serial, pair)))
 }
+
+/// Ends a test: on failure, the tail of both hosts' containerd logs (the shims log there)
+/// goes to stderr; the bed is reset either way.
+fn finish(pair: Pair, result: Result<()>) -> Result<()> {
+    if result.is_err() {
+        for host in ["primary", "backup"] {
+            // The shims' lines, without containerd's start-up.
+            let path = pair.host(host).containerd_log();
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.contains("loading plugin"))
+                .collect();
+            eprintln!(
+                "--- {} (last 80 lines, start-up left out) ---",
+                path.display()
+            );
+            for l in &lines[lines.len().saturating_sub(80)..] {
+                eprintln!("{l}");
+            }
+            match status(pair.host(host)) {
+                Ok(st) => eprintln!("--- {host}'s status ---\n{st}"),
+                Err(e) => eprintln!("--- {host}'s status: {e}"),
+            }
+        }
+    }
+    let reset = pair.reset();
+    result?;
+    reset
+}
+
+/// The checkpoint interval of the tests.
+const EPOCH_MS: u64 = 1500;
+/// The primary's log archive, in the test bed's directory.
+const ARCHIVE_DIR: &str = "log-archive";
+
+/// Checkpoints each load must see committed (it runs several epochs).
+const MIN_CHECKPOINTS: u64 = 3;
 
 fn load_secs() -> u64 {
     std::env::var("RRC_HYBRID_SECS")
@@ -45,22 +92,83 @@ fn load_secs() -> u64 {
         .unwrap_or(20)
 }
 
-/// The primary's log and the backup's copy, once the backup has all of it.
-fn logs(pair: &Pair) -> Result<Vec<u8>> {
+/// The container's whole log since it started, and checks of what each side kept:
+///
+/// * the primary's archive holds every byte it dropped, and its `rrc-log` the rest (from the
+///   last committed cut on; what was dropped before reads as a hole);
+/// * the backup holds exactly the primary's bytes from the last committed cut to the end of
+///   the log, and nothing before that cut;
+/// * at least `min_checkpoints` checkpoints committed.
+fn logs(pair: &Pair, min_checkpoints: u64) -> Result<Vec<u8>> {
     let primary = pair.host("primary").bundle_dir(ID).join("rrc-log");
+    let archive = pair
+        .bed
+        .dir()
+        .join(ARCHIVE_DIR)
+        .join(format!("{}-{ID}.rrclog", pair.host("primary").namespace()));
     let backup = pair.host("backup").bundle_dir(ID).join("rrc-log-received");
     wait_for(Duration::from_secs(10), || {
+        let pst = status(pair.host("primary"))?;
+        let bst = status(pair.host("backup"))?;
+        // The primary's copy first, then the archive: a byte dropped in between is archived
+        // before it is dropped, so the two always overlap.
         let p = fs::read(&primary).with_context(|| format!("read {}", primary.display()))?;
+        let a = fs::read(&archive).with_context(|| format!("read {}", archive.display()))?;
         let b = fs::read(&backup).with_context(|| format!("read {}", backup.display()))?;
+        let checkpoints = pst["checkpoints"].as_u64().unwrap_or(0);
         ensure!(
-            p.len() == b.len(),
+            checkpoints >= min_checkpoints,
+            "{checkpoints} checkpoints committed, expected at least {min_checkpoints}"
+        );
+        ensure!(a.len() <= p.len(), "the archive is longer than the log");
+        ensure!(
+            p.get(a.len()..a.len() + 8) == Some(b"RRCEVLOG"),
+            "the primary's log does not go on with a segment where the archive ends ({})",
+            a.len()
+        );
+        let whole = [&a[..], &p[a.len()..]].concat();
+        let kept = pst["log"]["kept_from"].as_u64().unwrap_or(0);
+        let kept_b = bst["log"]["kept_from"].as_u64().unwrap_or(0);
+        ensure!(
+            kept > 0 && kept_b == kept,
+            "the last committed cut: primary {kept}, backup {kept_b}"
+        );
+        let k = usize::try_from(kept)?;
+        ensure!(
+            p[..k.min(p.len())].iter().all(|&x| x == 0),
+            "the primary kept log bytes before the committed cut at {k}"
+        );
+        ensure!(
+            b.len() == p.len(),
             "the backup holds {} of the primary's {} log bytes",
             b.len(),
             p.len()
         );
-        ensure!(p == b, "the backup's log differs from the primary's");
-        Ok(p)
+        ensure!(
+            b[..k].iter().all(|&x| x == 0),
+            "the backup kept log bytes before the committed cut at {k}"
+        );
+        ensure!(
+            b[k..] == whole[k..],
+            "the backup's log after the cut differs from the primary's"
+        );
+        ensure!(
+            whole.get(k..k + 8) == Some(b"RRCEVLOG"),
+            "no segment starts at the committed cut {k}"
+        );
+        Ok(whole)
     })
+}
+
+/// The primary's committed checkpoints, as the status shows the last one.
+fn checkpoint_line(pair: &Pair) -> String {
+    match status(pair.host("primary")) {
+        Ok(st) => format!(
+            "{} checkpoints, the last: {}",
+            st["checkpoints"], st["last_checkpoint"]
+        ),
+        Err(e) => format!("no status: {e}"),
+    }
 }
 
 /// What a log says: its records (decoded strictly: a bad checksum or a gap fails), the
@@ -315,7 +423,7 @@ fn redis_log_is_complete_and_outputs_wait_for_the_backup() -> Result<()> {
             "only {acked} writes acknowledged in {secs:.1} s"
         );
         let st = settled_status(&pair)?;
-        let log = logs(&pair)?;
+        let log = logs(&pair, MIN_CHECKPOINTS)?;
         let c = check(&log)?;
         let sent: Vec<Vec<u8>> = report.conns.iter().map(|c| c.sent.clone()).collect();
         streams_match(&c, &sent)?;
@@ -326,17 +434,16 @@ fn redis_log_is_complete_and_outputs_wait_for_the_backup() -> Result<()> {
         );
         eprintln!(
             "redis, hybrid: {acked} writes acknowledged in {secs:.1} s over 4 connections \
-             ({:.0}/s); log {} bytes, {} records {k:?}; status log {}",
+             ({:.0}/s); log {} bytes, {} records {k:?}; status log {}; {}",
             acked as f64 / secs,
             log.len(),
             c.records.len(),
-            st["log"]
+            st["log"],
+            checkpoint_line(&pair)
         );
         Ok(())
     })();
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }
 
 #[test]
@@ -357,7 +464,7 @@ fn memcached_with_four_threads_is_recorded_completely() -> Result<()> {
         )?;
         ensure!(requests > 100, "only {requests} requests answered");
         settled_status(&pair)?;
-        let log = logs(&pair)?;
+        let log = logs(&pair, MIN_CHECKPOINTS)?;
         let c = check(&log)?;
         streams_match(&c, &sent)?;
         let threads: std::collections::HashSet<u32> = c
@@ -383,16 +490,15 @@ fn memcached_with_four_threads_is_recorded_completely() -> Result<()> {
         );
         eprintln!(
             "memcached -t 4, hybrid: {requests} set+get pairs over 8 connections; log {} \
-             bytes, {} records from {} threads {k:?}",
+             bytes, {} records from {} threads {k:?}; {}",
             log.len(),
             c.records.len(),
-            threads.len()
+            threads.len(),
+            checkpoint_line(&pair)
         );
         Ok(())
     })();
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }
 
 #[test]
@@ -408,21 +514,20 @@ fn lighttpd_log_is_complete() -> Result<()> {
         let (sent, requests) = drive(&netns, pair.service(), 8, load_secs(), 900, http_step)?;
         ensure!(requests > 100, "only {requests} requests answered");
         settled_status(&pair)?;
-        let log = logs(&pair)?;
+        let log = logs(&pair, MIN_CHECKPOINTS)?;
         let c = check(&log)?;
         streams_match(&c, &sent)?;
         eprintln!(
             "lighttpd, hybrid: {requests} kept-alive GETs over 8 connections; log {} bytes, \
-             {} records {:?}",
+             {} records {:?}; {}",
             log.len(),
             c.records.len(),
-            kinds(&c.records)
+            kinds(&c.records),
+            checkpoint_line(&pair)
         );
         Ok(())
     })();
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }
 
 #[test]
@@ -456,9 +561,7 @@ fn a_hybrid_backup_refuses_to_take_over_without_replay() -> Result<()> {
         );
         Ok(())
     })();
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }
 
 #[test]
@@ -500,9 +603,7 @@ fn a_dead_recorder_stops_its_container_and_says_so() -> Result<()> {
         );
         Ok(())
     })();
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }
 
 #[test]
@@ -511,7 +612,8 @@ fn replies_wait_for_the_backup_to_hold_their_log() -> Result<()> {
         return Ok(());
     };
     // Long enough that a paused backup is not declared lost while the test holds it.
-    pair.annotations = vec!["io.containerd.rrc.failover-timeout-ms=10000".into()];
+    pair.annotations
+        .push("io.containerd.rrc.failover-timeout-ms=10000".into());
     let result = (|| -> Result<()> {
         pair.start()?;
         let netns = pair.host("client").netns_path();
@@ -571,7 +673,5 @@ fn replies_wait_for_the_backup_to_hold_their_log() -> Result<()> {
         Ok(())
     })();
     // A paused backup must never be left behind.
-    let reset = pair.reset();
-    result?;
-    reset
+    finish(pair, result)
 }

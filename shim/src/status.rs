@@ -278,6 +278,10 @@ pub struct LogFigures {
     /// microseconds (primary only).
     #[serde(default)]
     pub mean_hold_us: f64,
+    /// Offset of the first log byte still kept: the cut of the last committed checkpoint
+    /// (everything before it was discarded, or archived on the primary with `log-archive`).
+    #[serde(default)]
+    pub kept_from: u64,
 }
 
 impl ReplicaStatus {

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 
 use super::net::{self, ServiceAddr};
-use super::wire::{decode_log, Control, STREAM_CHECKPOINT, STREAM_CONTROL, STREAM_LOG};
+use super::wire::{decode_log, Control, LogCut, STREAM_CHECKPOINT, STREAM_CONTROL, STREAM_LOG};
 use super::{channel_config, checkpointer, ReplicaCtx, ReplicaHandle, StatusFile, STORE_DIR};
 use crate::container::Container;
 use crate::io::{replica_streams, Stdio};
@@ -98,16 +98,25 @@ pub async fn start(ctx: BackupCtx) -> containerd_shim::Result<ReplicaHandle> {
     Ok(ReplicaHandle::new(tx, task))
 }
 
-/// Hybrid mode: the event log received from the primary, appended in order to
-/// [`super::hybrid::RECEIVED_LOG_FILE`] in the bundle and acknowledged once written.
+/// Hybrid mode: the event log received from the primary, in
+/// [`super::hybrid::RECEIVED_LOG_FILE`] in the bundle, at the same offsets as in the primary's
+/// log (a sparse file), acknowledged once written.
 ///
-/// Every byte is decoded as it arrives (rrc-eventlog's streaming decoder: framing, checksums,
-/// dense sequence numbers): a log that does not decode is refused with where and why, and the
-/// bytes are not acknowledged.
+/// Each pairing starts afresh: the primary sends its log from the cut of the checkpoint it
+/// takes at pairing (a segment header). Every byte is decoded as it arrives (rrc-eventlog's
+/// streaming decoder: framing, checksums, dense sequence numbers): a log that does not decode
+/// is refused with where and why, and the bytes are not acknowledged. Once a checkpoint is
+/// committed, every byte before its cut is dropped (a hole is punched): replay needs only the
+/// log from the last committed checkpoint on.
 struct ReceivedLog {
     path: std::path::PathBuf,
     file: Option<std::fs::File>,
+    /// The first offset still held.
+    base: u64,
+    /// The offset after the last byte stored.
     len: u64,
+    /// Bytes before this offset are not needed (a committed checkpoint's cut).
+    keep_from: u64,
     decoder: rrc_eventlog::Decoder,
 }
 
@@ -116,24 +125,37 @@ impl ReceivedLog {
         ReceivedLog {
             path: bundle.join(super::hybrid::RECEIVED_LOG_FILE),
             file: None,
+            base: 0,
             len: 0,
+            keep_from: 0,
             decoder: rrc_eventlog::Decoder::new(),
         }
     }
 
-    /// Appends `bytes`, which start at `offset` of the log. A primary that pairs again sends
-    /// its log from the start (offset 0): what was kept is replaced.
+    /// A new pairing: the next log message starts a new log.
+    fn reset(&mut self) {
+        self.file = None;
+        self.base = 0;
+        self.len = 0;
+        self.keep_from = 0;
+        self.decoder = rrc_eventlog::Decoder::new();
+    }
+
+    /// Appends `bytes`, which start at `offset` of the primary's log.
     fn append(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
-        use std::io::Write;
-        if offset == 0 && self.len > 0 {
-            self.file = None;
-            self.len = 0;
-            self.decoder = rrc_eventlog::Decoder::new();
+        use std::os::unix::fs::FileExt;
+        if self.file.is_none() {
+            let f = std::fs::File::create(&self.path)
+                .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
+            self.file = Some(f);
+            self.base = offset;
+            self.len = offset;
+            self.keep_from = offset;
         }
         if offset != self.len {
             return Err(format!(
-                "protocol error: log bytes at offset {offset}, but {} bytes are stored: \
-                 the log would have a gap or an overlap",
+                "protocol error: log bytes at offset {offset}, but the log stored ends at {}: \
+                 it would have a gap or an overlap",
                 self.len
             ));
         }
@@ -144,25 +166,44 @@ impl ReceivedLog {
                 Ok(None) => break,
                 Err(e) => {
                     return Err(format!(
-                        "the primary's log does not decode after byte {} ({e}); it is not \
-                         stored or acknowledged: the primary's recorder or the transfer is at \
-                         fault",
+                        "the primary's log does not decode after byte {} of this pairing's log \
+                         ({e}); it is not stored or acknowledged: the primary's recorder or the \
+                         transfer is at fault",
                         self.decoder.offset()
                     ))
                 }
             }
         }
-        if self.file.is_none() {
-            let f = std::fs::File::create(&self.path)
-                .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
-            self.file = Some(f);
-        }
-        if let Some(f) = self.file.as_mut() {
-            f.write_all(bytes)
+        if let Some(f) = self.file.as_ref() {
+            f.write_all_at(bytes, offset)
                 .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
         }
         self.len += bytes.len() as u64;
+        self.drop_unneeded();
         Ok(())
+    }
+
+    /// A checkpoint whose cut is at `offset` is committed: drop what is before it.
+    fn committed_cut(&mut self, offset: u64) {
+        self.keep_from = self.keep_from.max(offset);
+        self.drop_unneeded();
+    }
+
+    fn drop_unneeded(&mut self) {
+        let upto = self.keep_from.min(self.len);
+        if upto <= self.base {
+            return;
+        }
+        if let Some(f) = self.file.as_ref() {
+            if let Err(e) = super::punch_hole(f, self.base, upto - self.base) {
+                tracing::warn!(
+                    "dropping the log before {upto} in {}: {e}",
+                    self.path.display()
+                );
+                return;
+            }
+        }
+        self.base = upto;
     }
 }
 
@@ -246,13 +287,26 @@ async fn run(
             SessionEnd::Silent(why) | SessionEnd::Broken(why)
                 if ctx.config.mode == Mode::Hybrid =>
             {
+                let held = match store.committed() {
+                    Some((epoch, dir)) => format!(
+                        "checkpoint {epoch} ({}) and the log after its cut (bytes {} to {} of {})",
+                        dir.display(),
+                        log.base,
+                        log.len,
+                        log.path.display()
+                    ),
+                    None => format!(
+                        "no committed checkpoint, and log bytes {} to {} of {}",
+                        log.base,
+                        log.len,
+                        log.path.display()
+                    ),
+                };
                 let msg = format!(
                     "lost the primary ({why}). NOT TAKING OVER: hybrid mode fails over by \
                      replaying the log on a checkpoint, and this build has no replayer yet; \
-                     restoring without it would lose what the primary acknowledged. The log \
-                     received ({} bytes) is kept in {}; waiting for the primary to come back",
-                    log.len,
-                    log.path.display()
+                     restoring without it would lose what the primary acknowledged. Kept: \
+                     {held}; waiting for the primary to come back"
                 );
                 tracing::error!(id = %ctx.id, "{msg}");
                 deadline = None;
@@ -337,6 +391,8 @@ async fn session(
                     }
                     *instance = Some(i);
                     *addresses = a;
+                    // The primary sends its log afresh, from the cut of its next checkpoint.
+                    log.reset();
                     if let Err(e) = ch.acknowledge(inc.seq).await {
                         return SessionEnd::Broken(e.to_string());
                     }
@@ -359,6 +415,30 @@ async fn session(
                             if let Err(e) = super::fs::apply_committed(&dir, &rootfs) {
                                 tracing::error!(id = %ctx.id, epoch, "{e}");
                                 return SessionEnd::Broken(e);
+                            }
+                            if ctx.config.mode == Mode::Hybrid {
+                                match LogCut::read(&dir) {
+                                    Ok(Some(cut)) => {
+                                        log.committed_cut(cut.offset);
+                                        let figures = status
+                                            .status
+                                            .log
+                                            .get_or_insert_with(crate::status::LogFigures::default);
+                                        figures.kept_from = log.base;
+                                    }
+                                    Ok(None) => {
+                                        let e = format!(
+                                            "checkpoint {epoch} of a hybrid primary names no log cut ({})",
+                                            super::wire::CUT_FILE
+                                        );
+                                        tracing::error!(id = %ctx.id, "{e}");
+                                        return SessionEnd::Broken(e);
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(id = %ctx.id, epoch, "{e}");
+                                        return SessionEnd::Broken(e);
+                                    }
+                                }
                             }
                         }
                         if let Err(e) = ch.acknowledge(inc.seq).await {
@@ -389,6 +469,7 @@ async fn session(
                     .get_or_insert_with(crate::status::LogFigures::default);
                 let first = figures.bytes == 0;
                 figures.bytes = log.len;
+                figures.kept_from = log.base;
                 if first || status.status.state != State::InSync {
                     status.status.mode = ctx.config.mode.as_str().to_string();
                     status.set(State::InSync, Some("holding the primary's log".into()));
@@ -611,11 +692,71 @@ mod tests {
         assert!(err.contains("gap or an overlap"), "{err}");
 
         // A primary that pairs again starts over; a flipped byte is refused, not stored.
+        r.reset();
         let mut bad = log.clone();
         let last = bad.len() - 10;
         bad[last] ^= 0xff;
         let err = r.append(0, &bad).expect_err("corrupt");
         assert!(err.contains("does not decode"), "{err}");
         assert_eq!(r.len, 0, "nothing of the damaged log counts as stored");
+    }
+
+    #[test]
+    fn a_pairing_starts_at_a_cut_and_a_commit_drops_what_is_before_the_next() {
+        // Three segments: epoch 0, then cut at epoch 1 and at epoch 2.
+        let start = SegmentStart {
+            base_seq: 1,
+            epoch: 0,
+            container_id: "c".into(),
+            live: vec![Thread::new(1, 1)],
+        };
+        let mut w = Writer::new(Vec::new(), start).expect("writer");
+        let mut cuts = Vec::new();
+        for epoch in 0..3u8 {
+            if epoch > 0 {
+                w.end_segment().expect("end");
+                cuts.push(w.bytes_written());
+                w.start_segment(u64::from(epoch), vec![Thread::new(1, 1)])
+                    .expect("start");
+            }
+            for i in 0..10u8 {
+                w.append(
+                    Thread::new(1, 1),
+                    0,
+                    &Event::IngressPacket {
+                        bytes: vec![epoch * 16 + i; 30],
+                    },
+                )
+                .expect("append");
+            }
+        }
+        let log = w.into_inner();
+        let dir = tempfile::tempdir().expect("dir");
+        let mut r = ReceivedLog::new(dir.path());
+        // The pairing's checkpoint cut at cuts[0]: the log arrives from there.
+        let first = usize::try_from(cuts[0]).expect("offset");
+        let mut off = first;
+        for piece in log[first..].chunks(11) {
+            r.append(off as u64, piece).expect("stored");
+            off += piece.len();
+        }
+        r.committed_cut(cuts[0]);
+        assert_eq!(r.base, cuts[0]);
+        let path = dir.path().join(super::super::hybrid::RECEIVED_LOG_FILE);
+        let stored = std::fs::read(&path).expect("file");
+        assert_eq!(stored.len(), log.len(), "same offsets as the primary's log");
+        assert!(
+            stored[..first].iter().all(|&b| b == 0),
+            "never sent: a hole"
+        );
+        assert_eq!(stored[first..], log[first..]);
+        // The next checkpoint commits: everything before its cut goes.
+        r.committed_cut(cuts[1]);
+        let second = usize::try_from(cuts[1]).expect("offset");
+        let stored = std::fs::read(&path).expect("file");
+        assert!(stored[..second].iter().all(|&b| b == 0), "dropped");
+        assert_eq!(stored[second..], log[second..]);
+        assert_eq!(&stored[second..second + 8], b"RRCEVLOG");
+        assert_eq!(r.base, cuts[1]);
     }
 }

@@ -70,17 +70,24 @@ pub fn socket_path(bundle: &Path) -> PathBuf {
 }
 
 /// Writes the hook script CRIU runs at every action; `network-lock`, `network-unlock` and
-/// `post-dump` reach the shim.
-pub fn write_hook_script(bundle: &Path) -> Result<PathBuf, String> {
+/// `post-dump` reach the shim, and `pre-dump` too with `pre_dump` (hybrid mode: the recorder
+/// steps aside there, see [`HookServer::start`]).
+pub fn write_hook_script(bundle: &Path, pre_dump: bool) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
     let script = bundle.join(HOOK_SCRIPT);
+    let actions = if pre_dump {
+        "pre-dump|network-lock|network-unlock|post-dump"
+    } else {
+        "network-lock|network-unlock|post-dump"
+    };
     let text = format!(
         "#!/bin/sh\n\
          # Written by containerd-shim-rrc-v2: CRIU runs this at each step of a checkpoint or\n\
-         # restore. Around the dump of sockets the shim holds inbound packets; after the dump\n\
+         # restore. Before CRIU seizes the container (hybrid mode) its recorder steps aside;\n\
+         # around the dump of sockets the shim holds inbound packets; after the dump\n\
          # (container still stopped) it saves the writable layer.\n\
          case \"$CRTOOLS_SCRIPT_ACTION\" in\n\
-         network-lock|network-unlock|post-dump)\n\
+         {actions})\n\
          \texec '{}' criu-hook '{}' \"$CRTOOLS_SCRIPT_ACTION\" ;;\n\
          esac\n\
          exit 0\n",
@@ -100,7 +107,7 @@ pub fn write_hook_script(bundle: &Path) -> Result<PathBuf, String> {
 /// inbound packets itself), the network actions succeed and `post-dump` fails.
 pub fn run_hook(socket: &Path, action: &str) -> Result<(), String> {
     let network = matches!(action, "network-lock" | "network-unlock");
-    if !network && action != "post-dump" {
+    if !network && action != "post-dump" && action != "pre-dump" {
         return Err(format!("unknown action {action:?}"));
     }
     let mut s = match UnixStream::connect(socket) {
@@ -136,6 +143,14 @@ struct HookState {
     last: Option<DeltaStats>,
 }
 
+/// What CRIU's `pre-dump` action asks of the shim (hybrid mode): the receiver parks the
+/// container's recorder (CRIU is about to seize the tasks) and answers; CRIU goes on only
+/// after an `Ok`.
+pub type PreDump = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// How long CRIU's `pre-dump` may wait for the recorder to step aside.
+const PRE_DUMP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The primary's side: serves the hook, holds inbound packets around the dump of sockets, keeps
 /// the writable layer's tracker.
 pub struct HookServer {
@@ -147,11 +162,15 @@ pub struct HookServer {
 
 impl HookServer {
     /// Listens on the bundle's hook socket. `gate` holds the container's inbound packets (an
-    /// `OutputHold` on its INPUT chain, passing everything until `network-lock`).
+    /// `OutputHold` on its INPUT chain, passing everything until `network-lock`); without one
+    /// (hybrid mode, where the recorder holds ingress for the whole checkpoint) the network
+    /// actions do nothing. `pre_dump` receives CRIU's `pre-dump` actions (see [`PreDump`]);
+    /// without it they succeed at once.
     pub fn start(
         bundle: &Path,
         upper: Option<PathBuf>,
-        gate: Arc<OutputHold>,
+        gate: Option<Arc<OutputHold>>,
+        pre_dump: Option<tokio::sync::mpsc::Sender<PreDump>>,
     ) -> Result<HookServer, String> {
         let socket = socket_path(bundle);
         if let Some(dir) = socket.parent() {
@@ -171,7 +190,7 @@ impl HookServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (st, up, gate) = (st.clone(), up.clone(), gate.clone());
+                let (st, up, gate, pre) = (st.clone(), up.clone(), gate.clone(), pre_dump.clone());
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut line = String::new();
@@ -183,14 +202,22 @@ impl HookServer {
                         return;
                     }
                     let answer = match line.trim() {
+                        "pre-dump" => match pre {
+                            None => "ok".to_string(),
+                            Some(pre) => ask_pre_dump(&pre).await,
+                        },
                         "network-lock" => {
-                            // Packets from now on get a tag above the release mark: held.
-                            gate.set_tag(gate.tag() + 2);
-                            gate.hold_again();
+                            if let Some(gate) = &gate {
+                                // Packets from now on get a tag above the release mark: held.
+                                gate.set_tag(gate.tag() + 2);
+                                gate.hold_again();
+                            }
                             "ok".to_string()
                         }
                         "network-unlock" => {
-                            gate.release_all();
+                            if let Some(gate) = &gate {
+                                gate.release_all();
+                            }
                             "ok".to_string()
                         }
                         "post-dump" => match up {
@@ -269,6 +296,20 @@ impl Drop for HookServer {
     fn drop(&mut self) {
         self.task.abort();
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Hands CRIU's `pre-dump` to whoever takes them and waits for the answer ("ok" or why not).
+async fn ask_pre_dump(pre: &tokio::sync::mpsc::Sender<PreDump>) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if pre.send(tx).await.is_err() {
+        return "nobody handles pre-dump: is a checkpoint in progress?".into();
+    }
+    match tokio::time::timeout(PRE_DUMP_TIMEOUT, rx).await {
+        Ok(Ok(Ok(()))) => "ok".into(),
+        Ok(Ok(Err(e))) => e,
+        Ok(Err(_)) => "the checkpoint was abandoned before the container was parked".into(),
+        Err(_) => format!("the container was not parked within {PRE_DUMP_TIMEOUT:?}"),
     }
 }
 

@@ -10,7 +10,7 @@
 //! Start      ─ output hold and ingress rule, then runc start
 //! recorder   ─ one write per record into a pipe, then publishes the log's length
 //! shim       ─ pipe → rrc-log (the local copy) → stream 2 of the channel → backup
-//! backup     ─ appends to rrc-log-received, acknowledges the message
+//! backup     ─ writes to rrc-log-received (same offsets), acknowledges the message
 //! hold       ─ tags each outgoing packet with the published length when it arrives;
 //!              releases every packet whose tag the backup has acknowledged
 //! ```
@@ -19,13 +19,27 @@
 //! PREROUTING, before conntrack and TCP) and are logged before the kernel has them, so every
 //! acknowledgement the container's kernel sends is covered by the log too.
 //!
-//! Unpaired, outputs flow (the status says unprotected) and the log accumulates locally; a
-//! backup that pairs receives it from the start, then holding resumes.
+//! Checkpoints (every epoch, and one at once when a backup pairs):
 //!
-//! Not yet: checkpoints. CRIU seizes the container's tasks with ptrace, and a task has one
-//! tracer: the recorder must step aside for each dump, which it cannot do yet. So the backup
-//! keeps the whole log since the container started, and a hybrid backup does not take over
-//! (replay is issue 5): it says so loudly instead of restoring anything stale.
+//! ```text
+//! runc checkpoint --leave-running   CRIU starts; its pre-dump action (rrc-criu-hook.sh)
+//!                                   reaches the shim's hook server
+//! recorder: park EPOCH              every thread stops between system calls, the log is cut
+//!                                   (a new segment for the epoch), ingress is held, the
+//!                                   cgroup frozen, the tracer detached: CRIU may seize now
+//! CRIU dumps                        finds the cgroup frozen, leaves it frozen
+//! recorder: resume                  every thread seized again, cgroup thawed, ingress let in
+//! images + rrc-log-cut.json         to the backup, which commits them and drops its log
+//!                                   before the cut; the primary drops its own (or archives it)
+//! ```
+//!
+//! Outputs are released once this pairing's backup has committed a checkpoint and
+//! acknowledged the log up to their tag. Unpaired, outputs flow (the status says unprotected)
+//! and the log is dropped as it comes (nothing can replay it); a backup that pairs gets a
+//! checkpoint first, then the log from its cut, and holding resumes.
+//!
+//! Hybrid mode does not take over yet (replay is issue 5): a hybrid backup whose primary dies
+//! says so loudly instead of restoring anything stale.
 //!
 //! If the recorder dies the container dies with it (`PTRACE_O_EXITKILL`: without a tracer,
 //! the system calls the container's seccomp filter traces fail with ENOSYS, so it could not
@@ -33,25 +47,34 @@
 //! one hybrid mode accepts (see `prepare`).
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::{Error, Result};
 use rrc_channel::{Channel, Role as ChannelRole};
+use rrc_checkpoint::{Checkpointer, DumpOptions, DumpReport};
 use rrc_output_hold::{nfqueue_rule, OutputHold};
+use rrc_recorder::control::{Command as ControlCommand, Reply};
 use rrc_recorder::position::{SharedPosition, STATE_ATTACHED, STATE_ENDED};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
 
+use super::fs::{HookServer, PreDump};
 use super::net;
-use super::primary::{backup_lost, bind, goodbye, instance_id, primary_status, queues, End};
-use super::wire::{encode_log, Control, STREAM_CONTROL, STREAM_LOG};
-use super::{channel_config, ReplicaCtx, ReplicaHandle, StatusFile};
-use crate::status::{LogFigures, State};
+use super::primary::{
+    backup_lost, bind, goodbye, instance_id, ms, primary_status, queues, remove_epoch,
+    send_checkpoint, End,
+};
+use super::runner::ShimRunner;
+use super::wire::{encode_log, Control, LogCut, STREAM_CONTROL, STREAM_LOG};
+use super::{channel_config, ReplicaCtx, ReplicaHandle, StatusFile, EPOCHS_DIR};
+use crate::status::{CheckpointFigures, LogFigures, State};
 
 /// The primary's copy of the whole log, in its bundle.
 pub const LOG_FILE: &str = "rrc-log";
@@ -145,6 +168,71 @@ pub struct Recorder {
     exit: watch::Receiver<Exit>,
     position: Arc<SharedPosition>,
     position_path: PathBuf,
+    control: Option<RecorderControl>,
+}
+
+/// How long the recorder may take to answer a command (a park waits up to 2 s for every thread,
+/// then freezes; the recorder itself gives up after 10 s).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The shim's end of the recorder's control socket (`rrc-recorder --control-fd`, see
+/// `rrc_recorder::control`): park the container for a checkpoint, resume it.
+pub struct RecorderControl {
+    io: tokio::sync::Mutex<(
+        tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    )>,
+}
+
+impl RecorderControl {
+    fn new(stream: std::os::unix::net::UnixStream) -> std::io::Result<RecorderControl> {
+        stream.set_nonblocking(true)?;
+        let (r, w) = tokio::net::UnixStream::from_std(stream)?.into_split();
+        Ok(RecorderControl {
+            io: tokio::sync::Mutex::new((tokio::io::BufReader::new(r), w)),
+        })
+    }
+
+    async fn call(&self, cmd: ControlCommand) -> std::result::Result<Reply, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut io = self.io.lock().await;
+        let (r, w) = &mut *io;
+        w.write_all(format!("{}\n", cmd.line()).as_bytes())
+            .await
+            .map_err(|e| format!("the recorder's control socket: {e}"))?;
+        let mut line = String::new();
+        match tokio::time::timeout(CONTROL_TIMEOUT, r.read_line(&mut line)).await {
+            Err(_) => Err(format!(
+                "the recorder did not answer {:?} within {CONTROL_TIMEOUT:?}",
+                cmd.line()
+            )),
+            Ok(Err(e)) => Err(format!("the recorder's control socket: {e}")),
+            Ok(Ok(0)) => Err("the recorder closed its control socket (it exited)".into()),
+            Ok(Ok(_)) => Reply::parse(&line),
+        }
+    }
+
+    /// Parks the container for the checkpoint of `epoch`: returns the log's cut.
+    pub async fn park(&self, epoch: u64) -> std::result::Result<LogCut, String> {
+        match self.call(ControlCommand::Park { epoch }).await? {
+            Reply::Parked(c) => Ok(LogCut {
+                epoch,
+                seq: c.seq,
+                offset: c.offset,
+            }),
+            Reply::Error(e) => Err(format!("the recorder could not park the container: {e}")),
+            other => Err(format!("the recorder answered park with {other:?}")),
+        }
+    }
+
+    /// Resumes a parked container; returns how many threads are traced again.
+    pub async fn resume(&self) -> std::result::Result<usize, String> {
+        match self.call(ControlCommand::Resume).await? {
+            Reply::Resumed { threads } => Ok(threads),
+            Reply::Error(e) => Err(format!("the recorder could not resume the container: {e}")),
+            other => Err(format!("the recorder answered resume with {other:?}")),
+        }
+    }
 }
 
 impl Recorder {
@@ -236,8 +324,32 @@ pub async fn spawn(bundle: &Path, id: &str, netns: &Path, cpu: Option<u32>) -> R
     let _ = std::fs::remove_file(&fifo);
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
         .map_err(|e| Error::Other(format!("rrc: mkfifo {}: {e}", fifo.display())))?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Error::Other(format!("rrc: the recorder's control socket: {e}")))?;
+    let control = RecorderControl::new(ours)
+        .map_err(|e| Error::Other(format!("rrc: the recorder's control socket: {e}")))?;
+    let theirs_fd = theirs.as_raw_fd();
     let mut cmd = tokio::process::Command::new(&bin);
-    cmd.arg("--pid-fifo")
+    // SAFETY: runs in the forked child before exec and only calls dup2/fcntl (async-signal
+    // safe) on a descriptor the parent keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs_fd == CONTROL_FD {
+                let flags = libc::fcntl(CONTROL_FD, libc::F_GETFD);
+                if flags < 0
+                    || libc::fcntl(CONTROL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("--control-fd")
+        .arg(CONTROL_FD.to_string())
+        .arg("--pid-fifo")
         .arg(&fifo)
         .args(["--out", "-", "--position-file"])
         .arg(&position_path)
@@ -253,17 +365,22 @@ pub async fn spawn(bundle: &Path, id: &str, netns: &Path, cpu: Option<u32>) -> R
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let (streams, pid, exit) = spawn_recorder(cmd)
-        .await
-        .map_err(|e| Error::Other(format!("rrc: the recorder: {e}")))?;
+    let spawned = spawn_recorder(cmd).await;
+    drop(theirs);
+    let (streams, pid, exit) =
+        spawned.map_err(|e| Error::Other(format!("rrc: the recorder: {e}")))?;
     Ok(Recorder {
         streams: Some(streams),
         pid,
         exit,
         position,
         position_path,
+        control: Some(control),
     })
 }
+
+/// The descriptor the recorder's control socket gets in the recorder.
+const CONTROL_FD: i32 = 3;
 
 /// Starts replicating a created container whose recorder is attached: the output hold, the
 /// ingress log's rule, and the replication task. Fails, with nothing left running, if any of
@@ -306,10 +423,32 @@ pub async fn start(ctx: ReplicaCtx, mut recorder: Recorder) -> Result<ReplicaHan
             "rrc: cannot install the ingress log's rule: {e}"
         )));
     }
-    let Some((out, err)) = recorder.streams.take() else {
-        return Err(Error::Other(
-            "rrc: the recorder's streams were taken".into(),
-        ));
+    // CRIU's pre-dump action is where the recorder steps aside for each checkpoint; the hook
+    // server also saves the writable layer's delta (post-dump), as in passive mode.
+    let (pre_tx, pre_rx) = tokio::sync::mpsc::channel(1);
+    let hooks = HookServer::start(&ctx.bundle, ctx.setup.upper.clone(), None, Some(pre_tx));
+    let archive = ctx
+        .config
+        .log_archive
+        .as_ref()
+        .map(|dir| open_archive(dir, &ctx));
+    let (hooks, archive, control, (out, err)) = match (
+        hooks,
+        archive.transpose(),
+        recorder.control.take(),
+        recorder.streams.take(),
+    ) {
+        (Ok(h), Ok(a), Some(c), Some(s)) => (h, a, c, s),
+        (h, a, _, _) => {
+            recorder.kill();
+            remove_rules(&ctx, &out_rule, true).await;
+            let why = match (h.err(), a.err()) {
+                (Some(e), _) => format!("the CRIU hook's socket: {e}"),
+                (_, Some(e)) => format!("io.containerd.rrc.log-archive: {e}"),
+                _ => "the recorder's streams were taken".into(),
+            };
+            return Err(Error::Other(format!("rrc: {why}")));
+        }
     };
     tracing::info!(id = %ctx.id, recorder = pid, position = %recorder.position_path.display(), "recorder attached");
 
@@ -319,13 +458,24 @@ pub async fn start(ctx: ReplicaCtx, mut recorder: Recorder) -> Result<ReplicaHan
     tokio::spawn(forward_stderr(err, ctx.id.clone()));
     let (tx, rx) = watch::channel(false);
     let exit = recorder.exit.clone();
+    let checkpointer = super::checkpointer(&ctx.runc_root, &ctx.runc_binary);
     let parts = Parts {
         ctx,
         hold,
         out_rule,
         position,
+        log: std::sync::Mutex::new(LocalLog {
+            path: log_path.clone(),
+            dropped: 0,
+            archive,
+        }),
         log_path,
         recorder_pid: pid,
+        control,
+        hooks,
+        pre_dump: tokio::sync::Mutex::new(pre_rx),
+        checkpointer,
+        epoch: AtomicU64::new(0),
     };
     let task = tokio::spawn(async move {
         run(&parts, stored_rx, exit, rx).await;
@@ -428,13 +578,82 @@ async fn remove_rules(ctx: &ReplicaCtx, out_rule: &[String], ingress: bool) {
     }
 }
 
+/// What a hybrid primary works with for the container's whole life.
 struct Parts {
     ctx: ReplicaCtx,
     hold: OutputHold,
     out_rule: Vec<String>,
     position: Arc<SharedPosition>,
+    /// The local copy's bookkeeping (what was dropped, the archive).
+    log: std::sync::Mutex<LocalLog>,
     log_path: PathBuf,
     recorder_pid: i32,
+    control: RecorderControl,
+    hooks: HookServer,
+    /// CRIU's pre-dump actions, taken by the checkpoint in progress.
+    pre_dump: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<PreDump>>,
+    checkpointer: Checkpointer<ShimRunner>,
+    /// The last epoch started.
+    epoch: AtomicU64,
+}
+
+/// The primary's copy of the log (`rrc-log`): the sender reads it back, a backup that pairs
+/// gets it from the cut of the checkpoint taken at pairing, and everything before the last
+/// committed cut is dropped (a hole is punched: the file keeps its size and offsets), or
+/// first appended to the archive when `log-archive` is set.
+struct LocalLog {
+    path: PathBuf,
+    /// Bytes before this offset are dropped.
+    dropped: u64,
+    archive: Option<(PathBuf, std::fs::File)>,
+}
+
+impl LocalLog {
+    /// Drops (or archives) every byte before `offset`.
+    fn discard_before(&mut self, offset: u64) -> std::result::Result<(), String> {
+        if offset <= self.dropped {
+            return Ok(());
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if let Some((apath, a)) = &mut self.archive {
+            let mut buf = vec![0u8; CHUNK];
+            let mut at = self.dropped;
+            while at < offset {
+                let want = usize::try_from((offset - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+                let n = file
+                    .read_at(&mut buf[..want], at)
+                    .map_err(|e| format!("{}: {e}", self.path.display()))?;
+                if n == 0 {
+                    return Err(format!(
+                        "{} ends at {at}, before the cut at {offset}",
+                        self.path.display()
+                    ));
+                }
+                std::io::Write::write_all(a, &buf[..n])
+                    .map_err(|e| format!("archiving the log to {}: {e}", apath.display()))?;
+                at += n as u64;
+            }
+        }
+        super::punch_hole(&file, self.dropped, offset - self.dropped)
+            .map_err(|e| format!("dropping the log before {offset}: {e}"))?;
+        self.dropped = offset;
+        Ok(())
+    }
+}
+
+/// Opens (afresh) the archive of this container's log in `dir`.
+fn open_archive(
+    dir: &Path,
+    ctx: &ReplicaCtx,
+) -> std::result::Result<(PathBuf, std::fs::File), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let path = dir.join(format!("{}-{}.rrclog", ctx.namespace, ctx.id));
+    let f = std::fs::File::create(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    Ok((path, f))
 }
 
 /// How a pairing or the whole replication ended.
@@ -481,6 +700,14 @@ async fn run(
                 if msg != last_error {
                     tracing::warn!(id = %ctx.id, "{msg}; the container runs UNPROTECTED until it can");
                     last_error = msg.clone();
+                }
+                // Nothing needs the log while no backup holds it: the next pairing starts
+                // from a checkpoint of its own.
+                let have = *stored.borrow();
+                if let Ok(mut log) = p.log.lock() {
+                    if let Err(e) = log.discard_before(have) {
+                        tracing::warn!(id = %ctx.id, "{e}");
+                    }
                 }
                 refresh_log(&mut status, p, 0);
                 status.set(State::Unprotected, Some(msg));
@@ -560,6 +787,13 @@ async fn recorder_ended(p: &Parts, code: i32, status: &mut StatusFile) {
     {
         tracing::debug!(id = %ctx.id, "killing the container after its recorder died: {e}");
     }
+    // A recorder that died with the container parked for a checkpoint left its cgroup frozen,
+    // and frozen tasks do not die: thaw (runc says "not paused" otherwise, which is fine).
+    if let Err(e) =
+        super::runner::run(&ctx.runc_binary, &["--root", &root, "resume", &ctx.id]).await
+    {
+        tracing::debug!(id = %ctx.id, "thawing the container after its recorder died: {e}");
+    }
     status.set(State::Failed, Some(what));
 }
 
@@ -572,13 +806,22 @@ fn refresh_log(status: &mut StatusFile, p: &Parts, acked: u64) {
     log.mean_hold_us = p.hold.mean_hold_us();
 }
 
-/// One pairing: sends the log from its start, then as it grows; releases outputs as the
-/// backup acknowledges. Returns why it ended.
+/// One pairing: a checkpoint right away (the backup needs a state to replay from), the log
+/// from that checkpoint's cut on as it grows, a checkpoint every epoch after that; releases
+/// outputs as the backup acknowledges. Returns why it ended.
+///
+/// Release rule: a packet's tag is the log length when it left the container. It leaves once
+/// this pairing's backup has committed a checkpoint (the first one covers every packet from
+/// before its cut) and acknowledged the log up to the tag.
+///
+/// The log stream and the checkpoints are two loops that always run together: both send on
+/// the channel, and a send holds the channel's writer until its frame is out, so neither may
+/// wait on the other while the other is not being polled.
 async fn session(
     p: &Parts,
     ch: &Channel,
     instance: u64,
-    mut stored: watch::Receiver<u64>,
+    stored: watch::Receiver<u64>,
     status: &mut StatusFile,
 ) -> String {
     let ctx = &p.ctx;
@@ -599,11 +842,44 @@ async fn session(
         Ok(f) => f,
         Err(e) => return format!("cannot read the log {}: {e}", p.log_path.display()),
     };
-    // From now on outputs wait for the backup. The log it gets starts at the beginning, so
-    // whatever left while unprotected is covered once it acknowledges.
+    // From now on outputs wait for the backup; a new backup has a fresh rootfs (full delta).
     p.hold.hold_again();
+    p.hooks.reset();
+    let (cut_tx, cut_rx) = watch::channel(None::<LogCut>);
+    let (committed_tx, committed_rx) = watch::channel(None::<LogCut>);
+    let status = std::sync::Mutex::new(status);
+    let log = stream_log(p, ch, &file, stored, cut_rx, committed_rx, &status);
+    let checkpoints = checkpoint_loop(p, ch, &cut_tx, &committed_tx, &status);
+    tokio::pin!(log, checkpoints);
+    tokio::select! {
+        why = &mut log => why,
+        why = &mut checkpoints => why,
+    }
+}
+
+type SharedStatus<'a> = std::sync::Mutex<&'a mut StatusFile>;
+
+fn with_status<R>(status: &SharedStatus<'_>, f: impl FnOnce(&mut StatusFile) -> R) -> R {
+    let mut guard = status.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut guard)
+}
+
+/// A pairing's log stream: the log from the first checkpoint's cut on (published on `cut`),
+/// as it grows; releases outputs as the backup acknowledges it, once a checkpoint is
+/// committed (published on `committed`). Returns why it ended.
+async fn stream_log(
+    p: &Parts,
+    ch: &Channel,
+    file: &std::fs::File,
+    mut stored: watch::Receiver<u64>,
+    mut cut: watch::Receiver<Option<LogCut>>,
+    mut committed: watch::Receiver<Option<LogCut>>,
+    status: &SharedStatus<'_>,
+) -> String {
+    let ctx = &p.ctx;
     let mut acks = ch.acked();
-    let mut sent = 0u64;
+    // Where the next log message starts: the first checkpoint's cut, once it is known.
+    let mut sent: Option<u64> = None;
     let mut acked_offset = 0u64;
     let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
     let mut buf = vec![0u8; CHUNK];
@@ -611,21 +887,26 @@ async fn session(
     let mut output_open = true;
     let mut next_status = Instant::now();
     loop {
-        // Send everything stored so far.
-        let have = *stored.borrow_and_update();
-        while sent < have {
-            let want = usize::try_from((have - sent).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let n = match file.read_at(&mut buf[..want], sent) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => return format!("reading the log {}: {e}", p.log_path.display()),
-            };
-            let seq = match ch.send(STREAM_LOG, &encode_log(sent, &buf[..n])).await {
-                Ok(s) => s,
-                Err(e) => return e.to_string(),
-            };
-            sent += n as u64;
-            inflight.push_back((seq, sent));
+        if sent.is_none() {
+            sent = cut.borrow_and_update().map(|c| c.offset);
+        }
+        // Send everything stored so far, from the first cut on.
+        if let Some(from) = sent.as_mut() {
+            let have = *stored.borrow_and_update();
+            while *from < have {
+                let want = usize::try_from((have - *from).min(CHUNK as u64)).unwrap_or(CHUNK);
+                let n = match file.read_at(&mut buf[..want], *from) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => return format!("reading the log {}: {e}", p.log_path.display()),
+                };
+                let seq = match ch.send(STREAM_LOG, &encode_log(*from, &buf[..n])).await {
+                    Ok(s) => s,
+                    Err(e) => return e.to_string(),
+                };
+                *from += n as u64;
+                inflight.push_back((seq, *from));
+            }
         }
         // Release what is acknowledged.
         let acked_seq = *acks.borrow_and_update();
@@ -634,24 +915,35 @@ async fn session(
                 acked_offset = end;
             }
         }
-        if acked_offset > 0 {
-            p.hold.release_upto(acked_offset);
+        let last = *committed.borrow_and_update();
+        if let Some(c) = last {
+            if !protected {
+                // Back from unprotected (the first checkpoints failed): hold again.
+                p.hold.hold_again();
+            }
+            p.hold.release_upto(acked_offset.max(c.offset));
             if !protected {
                 protected = true;
-                tracing::info!(id = %ctx.id, bytes = acked_offset, "protected: the backup holds the log");
-                refresh_log(status, p, acked_offset);
-                status.set(State::Protected, None);
+                tracing::info!(id = %ctx.id, epoch = c.epoch, "protected: the backup committed a checkpoint and holds the log after it");
+                with_status(status, |st| {
+                    refresh_log(st, p, acked_offset);
+                    st.set(State::Protected, None);
+                });
             }
         }
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_EVERY;
-            refresh_log(status, p, acked_offset);
-            status.save();
+            with_status(status, |st| {
+                refresh_log(st, p, acked_offset);
+                st.save();
+            });
         }
         if let Some(e) = ch.error() {
             return e.to_string();
         }
         tokio::select! {
+            _ = cut.changed(), if sent.is_none() => {}
+            _ = committed.changed() => {}
             // Once the recorder's output ended only acknowledgements remain to wait for.
             r = stored.changed(), if output_open => if r.is_err() {
                 output_open = false;
@@ -661,5 +953,202 @@ async fn session(
             },
             _ = tokio::time::sleep(STATUS_EVERY) => {}
         }
+    }
+}
+
+/// A pairing's checkpoints: one at once, then one every epoch. Each committed one drops the
+/// log before its cut and is published on `committed`. Returns why the pairing ended.
+async fn checkpoint_loop(
+    p: &Parts,
+    ch: &Channel,
+    cut: &watch::Sender<Option<LogCut>>,
+    committed: &watch::Sender<Option<LogCut>>,
+    status: &SharedStatus<'_>,
+) -> String {
+    let ctx = &p.ctx;
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let e = p.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut next = started + ctx.setup.epoch;
+        match cycle(p, ch, e, cut).await {
+            Ok(done) => {
+                failures = 0;
+                let c = done.cut;
+                if let Ok(mut log) = p.log.lock() {
+                    if let Err(e) = log.discard_before(c.offset) {
+                        tracing::warn!(id = %ctx.id, "{e}");
+                    }
+                }
+                tracing::info!(id = %ctx.id, epoch = c.epoch, seq = c.seq, offset = c.offset, "checkpoint committed: paused {:.1} ms", done.figures.frozen_ms);
+                with_status(status, |st| {
+                    let s = &mut st.status;
+                    s.checkpoints += 1;
+                    s.last_committed_epoch = Some(c.epoch);
+                    s.last_checkpoint = Some(done.figures);
+                    if let Some(l) = s.log.as_mut() {
+                        l.kept_from = c.offset;
+                    }
+                    st.save();
+                });
+                committed.send_replace(Some(c));
+            }
+            Err(CycleError::Channel(why)) => return why,
+            Err(CycleError::Dump(why)) => {
+                failures += 1;
+                tracing::error!(id = %ctx.id, epoch = e, "hybrid checkpoint failed: {why}");
+                if committed.borrow().is_none() && failures >= MAX_FAILED_CHECKPOINTS {
+                    // No state the backup could replay from: rather than stall the clients,
+                    // let outputs flow (unprotected) and keep trying.
+                    p.hold.release_all();
+                    with_status(status, |st| {
+                        st.set(
+                            State::Unprotected,
+                            Some(format!(
+                                "{failures} checkpoints in a row failed; last: {why}"
+                            )),
+                        );
+                    });
+                }
+                next = Instant::now() + ctx.setup.epoch.min(RECONNECT);
+            }
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+}
+
+/// Consecutive failed checkpoints of a pairing without any committed one, after which outputs
+/// flow unprotected rather than wait.
+const MAX_FAILED_CHECKPOINTS: u32 = 3;
+
+/// A committed checkpoint.
+struct Cycle {
+    cut: LogCut,
+    figures: CheckpointFigures,
+}
+
+enum CycleError {
+    /// The dump failed; the container runs on, traced.
+    Dump(String),
+    /// The backup is unreachable: the pairing is over.
+    Channel(String),
+}
+
+/// One checkpoint: CRIU dumps the container while its recorder steps aside (parked from CRIU's
+/// pre-dump action to the end of the dump), the images (with the cut and the writable layer's
+/// delta) go to the backup, which commits them.
+async fn cycle(
+    p: &Parts,
+    ch: &Channel,
+    e: u64,
+    cut_tx: &watch::Sender<Option<LogCut>>,
+) -> std::result::Result<Cycle, CycleError> {
+    let dir = p.ctx.bundle.join(EPOCHS_DIR).join(e.to_string());
+    let forget = |dir: &Path| {
+        p.hooks.undo_last();
+        remove_epoch(dir);
+    };
+    p.hooks.arm(&dir);
+    let dumped = dump_parked(p, &dir, e, cut_tx).await;
+    let delta = p.hooks.disarm();
+    let (report, cut, paused) = match dumped {
+        Ok(d) => d,
+        Err(why) => {
+            forget(&dir);
+            return Err(CycleError::Dump(why));
+        }
+    };
+    let Some(delta) = delta else {
+        forget(&dir);
+        return Err(CycleError::Dump(format!(
+            "CRIU did not run its post-dump hook ({} in the bundle)",
+            super::fs::HOOK_SCRIPT
+        )));
+    };
+    let sending = Instant::now();
+    let seq = match send_checkpoint(ch, &report.image_dir, e).await {
+        Ok(s) => s,
+        Err(why) => {
+            forget(&dir);
+            return Err(CycleError::Channel(why));
+        }
+    };
+    let transfer_ms = ms(sending.elapsed());
+    let waiting = Instant::now();
+    // The backup handles messages in order and acknowledges the checkpoint's last piece once
+    // it is committed; an acknowledgement of anything later implies it too.
+    if let Err(err) = ch.wait_acked(seq).await {
+        forget(&dir);
+        return Err(CycleError::Channel(err.to_string()));
+    }
+    remove_epoch(&dir);
+    Ok(Cycle {
+        cut,
+        figures: CheckpointFigures {
+            epoch: e,
+            frozen_ms: ms(paused),
+            dump_ms: ms(report.wall),
+            transfer_ms,
+            commit_wait_ms: ms(waiting.elapsed()),
+            bytes: report.image_bytes,
+            fs_delta_bytes: delta.bytes,
+            at_unix_ms: crate::status::unix_ms_now(),
+        },
+    })
+}
+
+/// `runc checkpoint` of the container, parking its recorder when CRIU reaches its pre-dump
+/// action (just before CRIU seizes the tasks) and resuming it once the dump is over. Returns
+/// the dump, the log's cut (also written into the image directory, and published on `cut_tx`
+/// at once so the log can stream from it), and how long the container was paused.
+async fn dump_parked(
+    p: &Parts,
+    dir: &Path,
+    e: u64,
+    cut_tx: &watch::Sender<Option<LogCut>>,
+) -> std::result::Result<(DumpReport, LogCut, Duration), String> {
+    let mut pre = p.pre_dump.lock().await;
+    while let Ok(stale) = pre.try_recv() {
+        let _ = stale.send(Err("no checkpoint was waiting for it".into()));
+    }
+    let opts = DumpOptions::default();
+    let dump = p.checkpointer.dump(&p.ctx.id, dir, &opts);
+    tokio::pin!(dump);
+    let mut parked_at: Option<Instant> = None;
+    let mut cut: Option<std::result::Result<LogCut, String>> = None;
+    let dumped = loop {
+        tokio::select! {
+            r = &mut dump => break r,
+            Some(reply) = pre.recv(), if parked_at.is_none() => {
+                let start = Instant::now();
+                let r = p.control.park(e).await;
+                if r.is_ok() {
+                    parked_at = Some(start);
+                }
+                let r = r.and_then(|c| c.write(dir).map(|()| c));
+                let _ = reply.send(r.as_ref().map(drop).map_err(Clone::clone));
+                if let Ok(c) = &r {
+                    cut_tx.send_replace(Some(*c));
+                }
+                cut = Some(r);
+            }
+        }
+    };
+    drop(pre);
+    let resumed = match parked_at {
+        Some(_) => p.control.resume().await.map(drop),
+        None => Ok(()),
+    };
+    let paused = parked_at.map(|t| t.elapsed()).unwrap_or_default();
+    resumed?;
+    match (dumped, cut) {
+        (Ok(report), Some(Ok(cut))) => Ok((report, cut, paused)),
+        (_, Some(Err(why))) => Err(why),
+        (Err(e), _) => Err(e.to_string()),
+        (Ok(_), None) => Err(format!(
+            "CRIU did not run its pre-dump action ({} in the bundle): the recorder was never \
+             parked, so the dump is not used",
+            super::fs::HOOK_SCRIPT
+        )),
     }
 }

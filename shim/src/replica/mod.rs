@@ -114,8 +114,10 @@ pub fn prepare(
     // namespace's NFQUEUE (held outputs would never leave); its iptables lock runs
     // iptables-restore twice per dump (+100 ms frozen here). Instead CRIU's network-lock and
     // network-unlock actions run the hook, and the shim holds inbound packets in a queue of its
-    // own meanwhile (outbound ones are held anyway): see `fs`.
-    let hook = fs::write_hook_script(bundle).map_err(Error::Other)?;
+    // own meanwhile (outbound ones are held anyway): see `fs`. In hybrid mode the recorder
+    // holds inbound packets for the whole checkpoint, and CRIU's pre-dump action is where it
+    // steps aside (see `hybrid`).
+    let hook = fs::write_hook_script(bundle, config.mode == Mode::Hybrid).map_err(Error::Other)?;
     let text = format!(
         "# Written by containerd-shim-rrc-v2: CRIU's options for this container's checkpoints.\n\
          network-lock skip\n\
@@ -211,6 +213,31 @@ fn prepare_hybrid(bundle: &Path, spec: &mut Spec, config: &RrcConfig) -> Result<
         create_runtime.push(hybrid::hook(bundle)?);
         hooks.set_create_runtime(Some(create_runtime));
         spec.set_hooks(Some(hooks));
+    }
+    Ok(())
+}
+
+/// Frees `len` bytes of `file` from `offset` on, keeping its size and every other byte's
+/// offset (the hole reads as zeros): how both sides drop the log before a committed cut.
+pub fn punch_hole(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::other("range out of bounds"));
+    };
+    // SAFETY: fallocate on a descriptor this process owns, with integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

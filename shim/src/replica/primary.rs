@@ -115,8 +115,13 @@ pub async fn start(ctx: PrimaryCtx) -> Result<ReplicaHandle> {
     let rules = hold_rules(&ctx.id);
 
     remove_stale_rules(&ctx).await;
-    let hooks = HookServer::start(&ctx.bundle, ctx.setup.upper.clone(), Arc::new(gate))
-        .map_err(|e| Error::Other(format!("rrc: the CRIU hook's socket: {e}")))?;
+    let hooks = HookServer::start(
+        &ctx.bundle,
+        ctx.setup.upper.clone(),
+        Some(Arc::new(gate)),
+        None,
+    )
+    .map_err(|e| Error::Other(format!("rrc: the CRIU hook's socket: {e}")))?;
     for (i, rule) in rules.iter().enumerate() {
         let mut add = vec!["-A".to_string()];
         add.extend(rule.iter().cloned());
@@ -515,7 +520,7 @@ pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn remove_epoch(dir: &Path) {
+pub(super) fn remove_epoch(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     for suffix in [".work", ".fs"] {
         let mut other = dir.as_os_str().to_owned();
@@ -525,7 +530,11 @@ fn remove_epoch(dir: &Path) {
 }
 
 /// Streams an image directory; returns the sequence number of its last piece.
-async fn send_checkpoint(ch: &Channel, dir: &Path, epoch: u64) -> std::result::Result<u64, String> {
+pub(super) async fn send_checkpoint(
+    ch: &Channel,
+    dir: &Path,
+    epoch: u64,
+) -> std::result::Result<u64, String> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let d = dir.to_path_buf();
     let producer = tokio::task::spawn_blocking(move || {

@@ -40,6 +40,46 @@ pub fn decode_log(m: &[u8]) -> Result<(u64, &[u8]), String> {
     }
 }
 
+/// Hybrid mode: the file, in a checkpoint's image directory, that says where the checkpoint
+/// cuts the event log ([`LogCut`]).
+pub const CUT_FILE: &str = "rrc-log-cut.json";
+
+/// Hybrid mode: where a checkpoint cuts the log. It holds the effect of every record before
+/// sequence number `seq`; its segment starts at byte `offset` of the log, and once the
+/// checkpoint is committed both sides drop every byte before it. Travels inside the sealed
+/// image directory, so a committed checkpoint always names its cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCut {
+    /// The checkpoint's epoch (also the new segment's).
+    pub epoch: u64,
+    /// The first sequence number the checkpoint does not contain.
+    pub seq: u64,
+    /// The byte offset of that segment's header in the log.
+    pub offset: u64,
+}
+
+impl LogCut {
+    /// Writes the cut into `dir`.
+    pub fn write(&self, dir: &std::path::Path) -> Result<(), String> {
+        let path = dir.join(CUT_FILE);
+        let text = serde_json::to_vec(self).map_err(|e| format!("encoding the cut: {e}"))?;
+        std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))
+    }
+
+    /// The cut of the checkpoint in `dir`; `None` if it has none (a passive-mode checkpoint).
+    pub fn read(dir: &std::path::Path) -> Result<Option<LogCut>, String> {
+        let path = dir.join(CUT_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("read {}: {e}", path.display())),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| format!("{} is not a log cut: {e}", path.display()))
+    }
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -106,6 +146,22 @@ mod tests {
         assert!(
             matches!(Control::decode(old), Ok(Control::Pair { mode, .. }) if mode == "passive")
         );
+    }
+
+    #[test]
+    fn a_cut_travels_in_its_image_directory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(LogCut::read(dir.path()), Ok(None));
+        let cut = LogCut {
+            epoch: 3,
+            seq: 1234,
+            offset: 98765,
+        };
+        cut.write(dir.path()).expect("write");
+        assert_eq!(LogCut::read(dir.path()), Ok(Some(cut)));
+        std::fs::write(dir.path().join(CUT_FILE), b"{").expect("damage");
+        let err = LogCut::read(dir.path()).expect_err("refused");
+        assert!(err.contains("is not a log cut"), "{err}");
     }
 
     #[test]
