@@ -22,16 +22,17 @@ pub enum EventLogError {
     },
     /// A segment header of a format version this build does not read.
     #[error(
-        "event log segment at byte {offset} has format version {found}; this build reads only \
-         version {supported}: run the same rrc version on primary and backup (or the header \
-         is corrupt)"
+        "event log segment at byte {offset} has format version {found}; this build reads \
+         versions {} to {supported}: run the same rrc version on primary and backup (or the \
+         header is corrupt)",
+        crate::wire::MIN_VERSION
     )]
     UnknownVersion {
         /// The header.
         offset: u64,
         /// The version it declares.
         found: u16,
-        /// The version this build reads and writes.
+        /// The newest version this build reads (it writes it too).
         supported: u16,
     },
     /// A finished input ends inside a header or a record (a log cut short: the writer died

@@ -117,7 +117,8 @@ pub struct EventRecord {
     /// Nanoseconds from the return of this thread's previous syscall record to this event (its
     /// syscall entry, its trap, the signal's delivery); 0 for ingress packets and for a thread's
     /// first event when the recorder has no earlier syscall of it. "Syscall records" here are
-    /// every kind except [`Event::Signal`], [`Event::Unrecordable`] and [`Event::IngressPacket`].
+    /// every kind except [`Event::Signal`], [`Event::Unrecordable`], [`Event::Gap`] and
+    /// [`Event::IngressPacket`].
     /// Unsigned: a negative interval cannot be written.
     pub interval_ns: u64,
     /// What happened.
@@ -202,6 +203,42 @@ pub enum Unrecordable {
     Rdpid,
 }
 
+/// What a [`Event::Gap`] says the log lacks (format version 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GapKind {
+    /// A syscall made through the i386 or x32 ABI: seen, not recorded.
+    ForeignAbi,
+    /// `io_uring` in use: its completions bypass syscalls and are not recorded.
+    IoUring,
+    /// A vDSO time entry could not be patched: that process's clock reads are not recorded.
+    VdsoUnpatched,
+    /// `rdtsc` could not be trapped in that process: its reads are not recorded.
+    RdtscUntrapped,
+    /// The thread's previous syscall record lacks bytes the call wrote (they could not be read
+    /// back from the thread's memory).
+    IncompleteCapture,
+    /// Executable memory that could not be scanned for unrecordable instructions (anonymous or
+    /// generated at run time); `ip` is its start.
+    UnscannedCode,
+    /// Anything else the recorder knows it did not record.
+    Other,
+}
+
+impl GapKind {
+    /// A short name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            GapKind::ForeignAbi => "foreign-abi-syscall",
+            GapKind::IoUring => "io-uring",
+            GapKind::VdsoUnpatched => "vdso-unpatched",
+            GapKind::RdtscUntrapped => "rdtsc-untrapped",
+            GapKind::IncompleteCapture => "incomplete-capture",
+            GapKind::UnscannedCode => "unscanned-code",
+            GapKind::Other => "other",
+        }
+    }
+}
+
 /// What happened. See the crate documentation for what each kind is for at replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -282,6 +319,16 @@ pub enum Event {
         /// Its address, 0 if unknown.
         ip: u64,
     },
+    /// Something of the thread the recorder knows it did not record (format version 2): a
+    /// replay of the epoch may diverge there.
+    Gap {
+        /// What.
+        what: GapKind,
+        /// An address it concerns, 0 if none.
+        ip: u64,
+        /// What exactly, in words (UTF-8).
+        detail: String,
+    },
 }
 
 impl Event {
@@ -290,7 +337,10 @@ impl Event {
     pub fn is_syscall(&self) -> bool {
         !matches!(
             self,
-            Event::Signal { .. } | Event::Unrecordable { .. } | Event::IngressPacket { .. }
+            Event::Signal { .. }
+                | Event::Unrecordable { .. }
+                | Event::Gap { .. }
+                | Event::IngressPacket { .. }
         )
     }
 
@@ -307,6 +357,7 @@ impl Event {
             Event::SyncOrder { .. } => "sync-order",
             Event::IngressPacket { .. } => "ingress-packet",
             Event::Unrecordable { .. } => "unrecordable",
+            Event::Gap { .. } => "gap",
         }
     }
 }

@@ -51,11 +51,12 @@
 //! | [`Event::Signal`] | a signal delivered to a thread, with the point of delivery | replay injects the signal with the recorded `siginfo` at the same point: on return from the named syscall, or after at least the recorded interval before the thread's next syscall |
 //! | [`Event::SyncOrder`] | futex operations and every other syscall that orders threads | the syscall runs when its turn in the order comes; its result is checked (or forced) |
 //! | [`Event::IngressPacket`] | a packet entering the container's network namespace, logged before its kernel processes it | re-injected into the restored network namespace at its place in the order, so the kernel's TCP state (what it acknowledged) is rebuilt |
-//! | [`Event::Unrecordable`] | `cpuid`, `rdrand`, `rdseed`, `rdpid` found in the thread (not trappable here) | nothing can be replayed: the replayer reports that this epoch's recovery may diverge |
+//! | [`Event::Unrecordable`] | `cpuid`, `rdrand`, `rdseed`, `rdpid` found in the thread's code (not trappable here) | nothing can be replayed: the replayer reports that this epoch's recovery may diverge if the thread executes it |
+//! | [`Event::Gap`] (format version 2) | anything else the recorder knows it did not record: a syscall through a foreign ABI, `io_uring`, a vDSO entry or `rdtsc` it could not trap, a result it could not read back whole, code it could not scan | likewise: the replayer reports it, and a divergence near it is explained |
 //!
 //! # Format, in brief
 //!
-//! A segment is a 14-byte header (magic `RRCEVLOG`, version 1 as u16 LE, CRC-32C of the ten
+//! A segment is a 14-byte header (magic `RRCEVLOG`, version 2 as u16 LE, CRC-32C of the ten
 //! bytes before) followed by records; each record is its body length (u32 LE, at most
 //! [`wire::MAX_RECORD`]), the body (a kind byte and the kind's fields, integers as LEB128
 //! varints, signed ones zigzag-encoded, byte strings length-prefixed), and the CRC-32C of the
@@ -79,8 +80,8 @@ pub mod format {}
 
 pub use error::EventLogError;
 pub use event::{
-    Delivery, Event, EventRecord, MemWrite, Record, SegmentEnd, SegmentStart, Thread, Time,
-    Unrecordable, MAX_ARGS,
+    Delivery, Event, EventRecord, GapKind, MemWrite, Record, SegmentEnd, SegmentStart, Thread,
+    Time, Unrecordable, MAX_ARGS,
 };
 pub use position::{CheckpointCut, Position};
 pub use reader::{segments, Decoder, Reader, SegmentSpan};

@@ -133,6 +133,14 @@ pub fn every_kind() -> Vec<(Thread, Event)> {
                 ip: 0x40_1000,
             },
         ),
+        (
+            T2,
+            Event::Gap {
+                what: GapKind::IncompleteCapture,
+                ip: 0,
+                detail: "recvmsg: the control data could not be read back".into(),
+            },
+        ),
         (T2, Event::ThreadExit { status: 0 }),
         (
             T1,
@@ -240,6 +248,20 @@ pub fn event() -> impl Strategy<Value = Event> {
             any::<u64>()
         )
             .prop_map(|(what, ip)| Event::Unrecordable { what, ip }),
+        1 => (
+            prop_oneof![
+                Just(GapKind::ForeignAbi),
+                Just(GapKind::IoUring),
+                Just(GapKind::VdsoUnpatched),
+                Just(GapKind::RdtscUntrapped),
+                Just(GapKind::IncompleteCapture),
+                Just(GapKind::UnscannedCode),
+                Just(GapKind::Other)
+            ],
+            any::<u64>(),
+            ".{0,40}"
+        )
+            .prop_map(|(what, ip, detail)| Event::Gap { what, ip, detail }),
     ]
 }
 

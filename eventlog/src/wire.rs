@@ -7,15 +7,18 @@
 //! malformed; it never panics, whatever the input.
 
 use crate::event::{
-    Delivery, Event, EventRecord, MemWrite, Record, SegmentEnd, SegmentStart, Thread, Time,
-    Unrecordable, MAX_ARGS,
+    Delivery, Event, EventRecord, GapKind, MemWrite, Record, SegmentEnd, SegmentStart, Thread,
+    Time, Unrecordable, MAX_ARGS,
 };
 use crate::EventLogError;
 
 /// The first bytes of every segment header.
 pub const MAGIC: [u8; 8] = *b"RRCEVLOG";
-/// The format version this build writes, and the only one it reads.
-pub const VERSION: u16 = 1;
+/// The format version this build writes. Version 2 adds the gap record (kind `0x1A`) to
+/// version 1.
+pub const VERSION: u16 = 2;
+/// The oldest format version this build reads.
+pub const MIN_VERSION: u16 = 1;
 /// Bytes in a segment header: magic, version (u16 LE), CRC-32C of the first 10 bytes (u32 LE).
 pub const HEADER_LEN: usize = 14;
 /// Bytes framing a record: its body length before (u32 LE), its CRC-32C after (u32 LE).
@@ -38,6 +41,7 @@ pub(crate) mod tag {
     pub const SYNC_ORDER: u8 = 0x17;
     pub const INGRESS_PACKET: u8 = 0x18;
     pub const UNRECORDABLE: u8 = 0x19;
+    pub const GAP: u8 = 0x1A;
 }
 
 /// Appends a segment header.
@@ -67,7 +71,7 @@ pub(crate) fn decode_header_at(buf: &[u8], at: u64) -> Result<Option<usize>, Eve
         return Ok(None);
     }
     let version = u16::from_le_bytes([buf[8], buf[9]]);
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(EventLogError::UnknownVersion {
             offset: at,
             found: version,
@@ -280,6 +284,7 @@ fn encode_event_body(seq: u64, thread: Thread, interval_ns: u64, event: &Event, 
         Event::SyncOrder { .. } => tag::SYNC_ORDER,
         Event::IngressPacket { .. } => tag::INGRESS_PACKET,
         Event::Unrecordable { .. } => tag::UNRECORDABLE,
+        Event::Gap { .. } => tag::GAP,
     };
     out.push(tag);
     put_u(out, seq);
@@ -371,6 +376,19 @@ fn encode_event_body(seq: u64, thread: Thread, interval_ns: u64, event: &Event, 
                 Unrecordable::Rdpid => 4,
             });
             put_u(out, *ip);
+        }
+        Event::Gap { what, ip, detail } => {
+            out.push(match what {
+                GapKind::ForeignAbi => 1,
+                GapKind::IoUring => 2,
+                GapKind::VdsoUnpatched => 3,
+                GapKind::RdtscUntrapped => 4,
+                GapKind::IncompleteCapture => 5,
+                GapKind::UnscannedCode => 6,
+                GapKind::Other => 7,
+            });
+            put_u(out, *ip);
+            put_bytes(out, detail.as_bytes());
         }
     }
 }
@@ -496,7 +514,7 @@ fn decode_body(body: &[u8]) -> Bad<Record> {
             }
             Record::SegmentEnd(SegmentEnd { next_seq })
         }
-        tag::SYSCALL_RESULT..=tag::UNRECORDABLE => Record::Event(decode_event(tag, &mut c)?),
+        tag::SYSCALL_RESULT..=tag::GAP => Record::Event(decode_event(tag, &mut c)?),
         other => return Err(format!("unknown record kind 0x{other:02x}")),
     };
     if c.remaining() != 0 {
@@ -607,6 +625,21 @@ fn decode_event(tag: u8, c: &mut Cursor<'_>) -> Bad<EventRecord> {
                 other => return Err(format!("unknown unrecordable instruction {other}")),
             },
             ip: c.u("instruction address")?,
+        },
+        tag::GAP => Event::Gap {
+            what: match c.byte("the gap kind")? {
+                1 => GapKind::ForeignAbi,
+                2 => GapKind::IoUring,
+                3 => GapKind::VdsoUnpatched,
+                4 => GapKind::RdtscUntrapped,
+                5 => GapKind::IncompleteCapture,
+                6 => GapKind::UnscannedCode,
+                7 => GapKind::Other,
+                other => return Err(format!("unknown gap kind {other}")),
+            },
+            ip: c.u("address")?,
+            detail: String::from_utf8(c.bytes("detail")?)
+                .map_err(|_| "the gap's detail is not UTF-8".to_string())?,
         },
         other => return Err(format!("unknown record kind 0x{other:02x}")),
     };

@@ -204,6 +204,20 @@ fn kinds(records: &[Record]) -> BTreeMap<&'static str, u64> {
     k
 }
 
+/// What the log says the recorder could not record (gap records), one line each.
+fn gaps(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Event(e) => match &e.event {
+                Event::Gap { what, detail, .. } => Some(format!("{}: {detail}", what.name())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// Every connection's bytes must be one accepted stream of the log, whole.
 fn streams_match(c: &Checked, sent: &[Vec<u8>]) -> Result<()> {
     if let Some(dir) = std::env::var_os("RRC_HYBRID_DUMP") {
@@ -432,6 +446,12 @@ fn redis_log_is_complete_and_outputs_wait_for_the_backup() -> Result<()> {
             k.get("ingress-packet").copied().unwrap_or(0) > acked,
             "fewer ingress packets than requests: {k:?}"
         );
+        // redis-server is linked dynamically: the loader and libc read the CPU's features
+        // with cpuid, which cannot be trapped here, and the code scan must say so in the log.
+        ensure!(
+            k.get("unrecordable").copied().unwrap_or(0) > 0,
+            "no cpuid site of redis-server's code in the log: {k:?}"
+        );
         eprintln!(
             "redis, hybrid: {acked} writes acknowledged in {secs:.1} s over 4 connections \
              ({:.0}/s); log {} bytes, {} records {k:?}; status log {}; {}",
@@ -441,6 +461,7 @@ fn redis_log_is_complete_and_outputs_wait_for_the_backup() -> Result<()> {
             st["log"],
             checkpoint_line(&pair)
         );
+        eprintln!("redis, hybrid: gaps in the log: {:?}", gaps(&c.records));
         Ok(())
     })();
     finish(pair, result)

@@ -199,13 +199,23 @@ pub enum Event {
         /// How.
         how: ExitKind,
     },
-    /// Something that happened and cannot be recorded faithfully (reported, not ignored).
+    /// Something that happened and cannot be recorded faithfully (reported, not ignored): a
+    /// gap record in the log.
     Unrecordable {
         /// Thread.
         tid: Tid,
-        /// What.
+        /// What kind of gap.
+        #[serde(serialize_with = "gap_name")]
+        kind: rrc_eventlog::GapKind,
+        /// An address it concerns, 0 if none.
+        ip: u64,
+        /// What, in words.
         what: String,
     },
+}
+
+fn gap_name<S: serde::Serializer>(k: &rrc_eventlog::GapKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(k.name())
 }
 
 impl Event {

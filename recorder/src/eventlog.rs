@@ -26,23 +26,22 @@
 //! | [`Event::Signal`] | `Signal` with the raw `siginfo_t`; delivered at the thread's latest syscall record if the thread is returning from that syscall (`orig_rax` is its number), else between syscalls |
 //! | [`Event::Rdtsc`] | [`Time::Rdtsc`] / [`Time::Rdtscp`] |
 //! | [`Event::VdsoPatched`] | nothing: the recorder's own action (replay patches its vDSO itself); counted |
-//! | [`Event::Unrecordable`] | nothing (format v1 has no kind for it, see below): logged as a warning and kept in [`SinkStats::unrecordable`] |
+//! | [`Event::Unrecordable`] | `Gap` (format version 2) with its kind, address and text; also logged as a warning and kept in [`SinkStats::unrecordable`] |
+//! | an [`Event::Syscall`] the recorder could not read back whole ([`SyscallRecord::incomplete`]) | its record with the bytes it has, then a `Gap` of kind incomplete-capture naming it |
 //!
 //! A record made inside a syscall (a futex entry, a `ThreadCreate`/`ProcessFork`, an `Exec`)
 //! carries the syscall's interval; the syscall's own record that follows gets 0 (no user code
 //! ran in between). `ThreadExit` records get 0 (the recorder does not time a thread's end).
 //!
-//! # Gaps between the recorder and format v1
+//! # What the log cannot hold
 //!
-//! * The recorder's [`Event::Unrecordable`] reports (syscalls through the i386/x32 ABIs,
-//!   `io_uring_setup`, a vDSO or `rdtsc` trap that could not be set up) are free text; the
-//!   format's `Unrecordable` kind only names instructions (cpuid, rdrand, rdseed, rdpid). They
-//!   are not in the log: a replayer cannot tell that the epoch may diverge. (`io_uring_setup`'s
-//!   own result is in the log as a `SyscallResult`, nr 425.) Adding kinds means format v2.
-//! * A result the recorder could not read back completely ([`SyscallRecord::incomplete`]) is
-//!   logged with the bytes it has; the format has no flag for it. For the read/recv family the
-//!   verifier notices (fewer bytes than `ret`); for others nothing does. Counted in
-//!   [`SinkStats::incomplete`].
+//! Whatever the recorder knows it did not record is in the log as a gap (format version 2):
+//! syscalls through the i386/x32 ABIs, `io_uring` (its setup's own result is a
+//! `SyscallResult`, nr 425), a vDSO entry or `rdtsc` trap that could not be set up, a result
+//! not read back whole. Instruction sites that cannot be trapped (`cpuid`, `rdrand`, `rdseed`,
+//! `rdpid`) are `Unrecordable` records, found by scanning the processes' code
+//! ([`crate::scan`]). Left:
+//!
 //! * A record over the format's 16 MiB limit (a single read of more than that) is refused by
 //!   the writer, which stops the recording (the tracees are killed: nothing runs unrecorded).
 //!   The fix is for the recorder to clamp read lengths at the seccomp stop.
@@ -61,8 +60,8 @@ use std::fmt;
 use std::io::{self, Write};
 
 use rrc_eventlog::{
-    received_streams, verify, Delivery, EventLogError, MemWrite as LogWrite, Reader, Record,
-    Report, SegmentStart, Streams, Thread, Time, Writer,
+    received_streams, verify, Delivery, EventLogError, GapKind, MemWrite as LogWrite, Reader,
+    Record, Report, SegmentStart, Streams, Thread, Time, Writer,
 };
 
 use crate::event::{CreateKind, Cut, Event, ExitKind, Sink, SyscallRecord, Tid};
@@ -94,6 +93,9 @@ pub struct SinkStats {
     pub ingress: u64,
     /// Checkpoint cuts made ([`Sink::checkpoint`]).
     pub checkpoints: u64,
+    /// Sites of instructions that cannot be trapped, found in the code and logged
+    /// ([`EventlogSink::scan_findings`]).
+    pub unrecordable_sites: u64,
 }
 
 #[derive(Debug)]
@@ -229,6 +231,49 @@ impl<W: Write> EventlogSink<W> {
         w.append(Thread::NONE, 0, &event).map_err(log_err)?;
         self.stats.records += 1;
         self.stats.ingress += 1;
+        Ok(true)
+    }
+
+    /// Appends what the code scanner ([`crate::scan`]) found in process `host_pid` (host id):
+    /// an `Unrecordable` record per instruction site, a `Gap` for code it could not scan, as
+    /// records of one of the process's threads. Returns false, appending nothing, while the
+    /// segment is not open or no thread of the process is known (the caller offers them again).
+    pub fn scan_findings(
+        &mut self,
+        host_pid: Tid,
+        findings: &[crate::scan::Finding],
+    ) -> io::Result<bool> {
+        use crate::scan::Finding;
+        if !matches!(self.out, Out::Writing(_)) {
+            return match self.out {
+                Out::Waiting(..) => Ok(false),
+                _ => Err(failed()),
+            };
+        }
+        let Some((&tid, info)) = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.host_tgid == host_pid)
+            .min_by_key(|(&t, _)| (t != host_pid, t))
+        else {
+            return Ok(false);
+        };
+        let thread = info.id;
+        for f in findings {
+            let ev = match f {
+                Finding::Site { site, .. } => rrc_eventlog::Event::Unrecordable {
+                    what: site.what,
+                    ip: site.ip,
+                },
+                Finding::Gap { kind, ip, detail } => rrc_eventlog::Event::Gap {
+                    what: *kind,
+                    ip: *ip,
+                    detail: detail.clone(),
+                },
+            };
+            self.append(tid, thread, 0, &ev, None)?;
+            self.stats.unrecordable_sites += u64::from(matches!(f, Finding::Site { .. }));
+        }
         Ok(true)
     }
 
@@ -424,13 +469,24 @@ impl<W: Write> Sink for EventlogSink<W> {
             Event::Syscall(s) => {
                 let tid = s.tid;
                 let nr = s.nr;
-                if s.incomplete {
-                    self.stats.incomplete += 1;
-                }
+                let incomplete = s.incomplete;
                 let thread = self.thread_of(tid);
                 let interval = self.interval(tid, s.gap_ns);
                 let ev = syscall_event(s);
-                self.append(tid, thread, interval, &ev, Some(nr))?;
+                let seq = self.append(tid, thread, interval, &ev, Some(nr))?;
+                if incomplete {
+                    // Flagged right after it: replay must not trust this record's bytes.
+                    self.stats.incomplete += 1;
+                    let gap = E::Gap {
+                        what: GapKind::IncompleteCapture,
+                        ip: 0,
+                        detail: format!(
+                            "{} (record #{seq}): not every byte the call wrote could be read back",
+                            syscalls::name_of(nr).unwrap_or("a syscall")
+                        ),
+                    };
+                    self.append(tid, thread, 0, &gap, None)?;
+                }
                 Ok(())
             }
             Event::SyscallEntry {
@@ -563,11 +619,23 @@ impl<W: Write> Sink for EventlogSink<W> {
                 self.threads.remove(&tid);
                 Ok(())
             }
-            Event::Unrecordable { tid, what } => {
-                log::warn!("thread {tid}: not recordable, and not in the event log: {what}");
+            Event::Unrecordable {
+                tid,
+                kind,
+                ip,
+                what,
+            } => {
+                log::warn!("thread {tid}: not recordable ({}): {what}", kind.name());
                 self.stats
                     .unrecordable
                     .push(format!("thread {tid}: {what}"));
+                let thread = self.thread_of(tid);
+                let ev = E::Gap {
+                    what: kind,
+                    ip,
+                    detail: what,
+                };
+                self.append(tid, thread, 0, &ev, None)?;
                 Ok(())
             }
         }
@@ -751,6 +819,7 @@ pub fn describe(record: &Record) -> String {
         } => format!("{signo} {delivered_at:?}, siginfo {}", bytes(siginfo)),
         E::IngressPacket { bytes: b } => bytes(b),
         E::Unrecordable { what, ip } => format!("{what:?} at {ip:#x}"),
+        E::Gap { what, ip, detail } => format!("{} at {ip:#x}: {detail}", what.name()),
     };
     format!(
         "#{} {} +{}ns {}: {what}",
@@ -926,6 +995,8 @@ mod tests {
             },
             Event::Unrecordable {
                 tid: 2000,
+                kind: GapKind::Other,
+                ip: 0x1234,
                 what: "something".into(),
             },
             sys(2000, 231, [3, 0, 0, 0, 0, 0], None, Vec::new()),
@@ -1077,6 +1148,16 @@ mod tests {
             (
                 12,
                 p9,
+                0,
+                E::Gap {
+                    what: GapKind::Other,
+                    ip: 0x1234,
+                    detail: "something".into(),
+                },
+            ),
+            (
+                13,
+                p9,
                 50,
                 E::SyncOrder {
                     nr: 231,
@@ -1085,10 +1166,10 @@ mod tests {
                     ret: 0,
                 },
             ),
-            (13, p9, 0, E::ThreadExit { status: 3 << 8 }),
-            (14, t3, 0, E::ThreadExit { status: 9 }),
+            (14, p9, 0, E::ThreadExit { status: 3 << 8 }),
+            (15, t3, 0, E::ThreadExit { status: 9 }),
             (
-                15,
+                16,
                 t2,
                 11,
                 E::Exec {
@@ -1096,7 +1177,7 @@ mod tests {
                 },
             ),
             (
-                16,
+                17,
                 t1,
                 0,
                 E::SyncOrder {
@@ -1106,7 +1187,7 @@ mod tests {
                     ret: 0,
                 },
             ),
-            (17, t1, 0, E::ThreadExit { status: 9 }),
+            (18, t1, 0, E::ThreadExit { status: 9 }),
         ];
         assert_eq!(got, want);
     }

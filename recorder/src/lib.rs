@@ -98,6 +98,7 @@ pub mod procfs;
 pub mod profile;
 pub mod ptrace;
 pub mod recorder;
+pub mod scan;
 pub mod stream;
 pub mod syscalls;
 pub mod vdso;

@@ -42,7 +42,8 @@ use std::sync::Arc;
 
 use rrc_recorder::control::{Command as ControlCommand, Control, Reply};
 use rrc_recorder::position::SharedPosition;
-use rrc_recorder::stream::{spawn_ingress, StreamSink};
+use rrc_recorder::scan::{spawn_scanner, ProcessList};
+use rrc_recorder::stream::{scan_report, spawn_ingress, StreamSink};
 use rrc_recorder::{launch, profile, EventlogSink, JsonLinesSink, Options, Recorder, Summary};
 
 struct StderrLogger;
@@ -223,8 +224,8 @@ fn report_unrecordable(what: &[String]) {
         return;
     }
     eprintln!(
-        "rrc-recorder: {} event(s) could not be recorded and are not in the log \
-         (replay of this recording may diverge):",
+        "rrc-recorder: {} event(s) could not be recorded (each is a gap record in the log; \
+         a replay of an epoch with one may diverge):",
         what.len()
     );
     for w in what {
@@ -410,8 +411,12 @@ fn record_streaming(args: &Args, pid: i32, position: &str, opts: Options) -> Res
         Some(fd) => Some(spawn_control(fd)?),
         None => None,
     };
+    let processes = Arc::new(ProcessList::default());
+    let scanner = spawn_scanner(processes.clone(), scan_report(sink.log()), stop.clone())
+        .context("starting the code scanner")?;
     let result = {
-        let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, &mut sink, opts);
+        let mut rec = Recorder::new(rrc_recorder::ptrace::Ptrace, &mut sink, opts)
+            .with_process_list(processes.clone());
         if let Some(c) = &control {
             rec = rec.with_control(c.clone());
         }
@@ -420,6 +425,8 @@ fn record_streaming(args: &Args, pid: i32, position: &str, opts: Options) -> Res
             .and_then(|()| Ok(rec.run()?))
     };
     stop.store(true, Ordering::SeqCst);
+    processes.wake(); // the scanner then sees `stop`
+    let _ = scanner.join();
     if let Some(t) = ingress {
         let _ = t.join();
     }

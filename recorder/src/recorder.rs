@@ -34,8 +34,10 @@ use crate::capture::{self, EntrySnapshot, MemRead};
 use crate::control::{Command, Control, Reply};
 use crate::event::{CreateKind, Event, ExitKind, MemWrite, Sink, SyscallRecord, Tid};
 use crate::ptrace::{self, Regs, Resume, Stop, Tracer};
+use crate::scan::ProcessList;
 use crate::syscalls::{self, Class};
 use crate::vdso;
+use rrc_eventlog::GapKind;
 
 /// Errors that end a recording.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +209,8 @@ pub struct Recorder<T: Tracer, S: Sink> {
     detached: bool,
     /// A park asked for during the attach barrier: started once it is passed.
     park_after_attach: Option<u64>,
+    /// The processes, for the code scanner ([`crate::scan`]).
+    processes: Option<Arc<ProcessList>>,
 }
 
 impl<T: Tracer, S: Sink> std::fmt::Debug for Recorder<T, S> {
@@ -269,6 +273,20 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             park: None,
             detached: false,
             park_after_attach: None,
+            processes: None,
+        }
+    }
+
+    /// Keeps `list` up to date with the traced processes (attach, fork, exec, exit), for the
+    /// code scanner ([`crate::scan::spawn_scanner`]).
+    pub fn with_process_list(mut self, list: Arc<ProcessList>) -> Self {
+        self.processes = Some(list);
+        self
+    }
+
+    fn process_added(&self, tgid: Tid) {
+        if let Some(l) = &self.processes {
+            l.add(tgid);
         }
     }
 
@@ -448,6 +466,12 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             self.patch_vdso(tgid, tgid, &avoid)?;
         }
         self.sink.attached().map_err(RecordError::Sink)?;
+        let mut tgids: Vec<Tid> = self.threads.values().map(|t| t.tgid).collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        for tgid in tgids {
+            self.process_added(tgid);
+        }
         for pid in std::mem::take(&mut self.resume_after_attach) {
             if let Err(e) = self.tracer.kill(pid, libc::SIGCONT) {
                 tracing::warn!(pid, "SIGCONT after attach: {e}");
@@ -558,6 +582,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         if info.arch != AUDIT_ARCH_X86_64 || info.nr & u64::from(X32_SYSCALL_BIT) != 0 {
             self.emit(Event::Unrecordable {
                 tid,
+                kind: GapKind::ForeignAbi,
+                ip: info.ip,
                 what: format!(
                     "syscall {} through a foreign ABI (audit arch {:#x}): not recorded",
                     info.nr, info.arch
@@ -584,6 +610,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         if let Some(s) = sc.filter(|s| s.class == Class::Unrecordable) {
             self.emit(Event::Unrecordable {
                 tid,
+                kind: GapKind::IoUring,
+                ip: info.ip,
                 what: format!("{}: {}", s.name, s.reason),
             })?;
         }
@@ -724,6 +752,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 // Same memory image (fork copies it, vfork shares it).
                 self.syscall_insn.insert(child_tgid, insn);
             }
+            self.process_added(child_tgid);
         }
         if let Some(how) = self.early_exits.remove(&child) {
             self.threads.remove(&child);
@@ -767,6 +796,7 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         };
         self.threads.insert(tid, thread);
         self.syscall_insn.remove(&tid);
+        self.process_added(tid);
         let exe = self.tracer.exe(tid);
         self.emit(Event::Exec {
             tid,
@@ -841,6 +871,11 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                     return self.maybe_finish_attach();
                 }
                 self.deferred.retain(|(d, _)| *d != tid);
+                if let Some(l) = &self.processes {
+                    if !self.threads.values().any(|o| o.tgid == t.tgid) {
+                        l.remove(t.tgid);
+                    }
+                }
                 self.emit(Event::ThreadExited { tid, how })
             }
             None => {
@@ -1160,6 +1195,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 for name in skipped {
                     self.emit(Event::Unrecordable {
                         tid,
+                        kind: GapKind::VdsoUnpatched,
+                        ip: 0,
                         what: format!(
                             "vDSO entry {name} not patched (a thread was stopped inside it): \
                              its calls in this process are not recorded"
@@ -1174,6 +1211,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                 tracing::warn!(tgid, "vDSO not patched: {e}");
                 self.emit(Event::Unrecordable {
                     tid,
+                    kind: GapKind::VdsoUnpatched,
+                    ip: 0,
                     what: format!("vDSO not patched, its clock reads are not recorded: {e}"),
                 })
             }
@@ -1231,6 +1270,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         let Some(&insn) = self.syscall_insn.get(&tgid) else {
             self.emit(Event::Unrecordable {
                 tid,
+                kind: GapKind::RdtscUntrapped,
+                ip: 0,
                 what: "rdtsc not trapped: no syscall instruction to inject through (vDSO not \
                        patched)"
                     .into(),
@@ -1290,6 +1331,8 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
                     r => {
                         self.emit(Event::Unrecordable {
                             tid,
+                            kind: GapKind::RdtscUntrapped,
+                            ip: 0,
                             what: format!("rdtsc not trapped: injected prctl returned {r}"),
                         })?;
                     }

@@ -12,8 +12,10 @@
 //!   same log, and only then lets the kernel have it. A packet the log cannot take is never
 //!   accepted.
 //!
-//! The sink sits behind a mutex shared by the tracing thread and the ingress thread; that
-//! mutex is the container-wide order of the two.
+//! * [`scan_report`] puts what the code scanner ([`crate::scan`]) finds into the same log.
+//!
+//! The sink sits behind a mutex shared by the tracing, ingress and scanner threads; that mutex
+//! is the container-wide order of their records.
 
 use std::fs::File;
 use std::io;
@@ -29,6 +31,7 @@ use rrc_output_hold::netlink::NfQueue;
 use crate::event::{Cut, Event, Sink};
 use crate::eventlog::{EventlogSink, SinkStats};
 use crate::position::{PublishingWriter, SharedPosition, STATE_ATTACHED, STATE_ENDED};
+use crate::scan::{Finding, Report};
 
 /// The log behind its mutex.
 pub type SharedLog<W> = Arc<Mutex<EventlogSink<PublishingWriter<W>>>>;
@@ -224,4 +227,40 @@ fn ingress_loop<W: io::Write>(mut q: NfQueue, log: &SharedLog<W>, stop: &AtomicB
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Where the code scanner's findings go: into the log, and a summary line on stderr.
+pub fn scan_report<W: io::Write + Send + 'static>(log: SharedLog<W>) -> Report {
+    Box::new(move |pid, findings| {
+        let Ok(mut l) = log.lock() else {
+            return true;
+        };
+        match l.scan_findings(pid, findings) {
+            Ok(false) => return false,
+            Ok(true) => {}
+            Err(e) => {
+                eprintln!("rrc-recorder: logging what the code scan found in process {pid}: {e}");
+                return true;
+            }
+        }
+        drop(l);
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for f in findings {
+            match f {
+                Finding::Site { site, .. } => {
+                    *counts.entry(crate::scan::name(site.what)).or_default() += 1
+                }
+                Finding::Gap { detail, .. } => eprintln!("rrc-recorder: process {pid}: {detail}"),
+            }
+        }
+        if !counts.is_empty() {
+            let list: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            eprintln!(
+                "rrc-recorder: process {pid}: its code holds {} site(s), which cannot be \
+                 trapped here (logged as unrecordable; a replay may diverge if one runs)",
+                list.join(", ")
+            );
+        }
+        true
+    })
 }

@@ -1028,3 +1028,58 @@ fn parking_for_checkpoints_leaves_a_running_program_correct() {
         assert_eq!(&log[at..at + 8], b"RRCEVLOG", "a segment header at the cut");
     }
 }
+
+#[test]
+fn the_code_of_a_recorded_program_is_scanned_into_its_log() {
+    use crate::scan::{spawn_scanner, ProcessList};
+    use crate::stream::{scan_report, StreamSink};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let position = Arc::new(
+        crate::position::SharedPosition::create(&dir.path().join("pos")).expect("position"),
+    );
+    let path = dir.path().join("log");
+    let mut sink = StreamSink::new(File::create(&path).expect("log"), "scan", position);
+    let list = Arc::new(ProcessList::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let scanner =
+        spawn_scanner(list.clone(), scan_report(sink.log()), stop.clone()).expect("scanner");
+    // Four threads spinning for 400 ms: long enough for the scanner to see the process.
+    let cmd = Command::new(prog()).args(["spin", "400"]);
+    let pid = crate::launch::spawn_stopped(&cmd).expect("spawn");
+    {
+        let mut rec = crate::Recorder::new(crate::ptrace::Ptrace, &mut sink, Options::default())
+            .with_process_list(list.clone());
+        rec.attach(pid).expect("attach");
+        rec.run().expect("run");
+    }
+    stop.store(true, Ordering::SeqCst);
+    list.wake();
+    scanner.join().expect("scanner");
+    let log = std::fs::read(&path).expect("read");
+    let check = checked(&log);
+    let sites: Vec<(rrc_eventlog::Unrecordable, u64)> = check
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            rrc_eventlog::Record::Event(e) => match &e.event {
+                rrc_eventlog::Event::Unrecordable { what, ip } => {
+                    assert_eq!(e.thread.tgid, pid as u32, "a record of the scanned process");
+                    Some((*what, *ip))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    // glibc's dynamic loader and libc read the CPU's features with cpuid.
+    assert!(
+        sites
+            .iter()
+            .any(|(w, _)| *w == rrc_eventlog::Unrecordable::Cpuid),
+        "no cpuid site logged: {sites:?}"
+    );
+    assert_eq!(sink.stats().unrecordable_sites, sites.len() as u64);
+}

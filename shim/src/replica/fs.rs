@@ -69,14 +69,16 @@ pub fn socket_path(bundle: &Path) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{h:016x}.sock"))
 }
 
-/// Writes the hook script CRIU runs at every action; `network-lock`, `network-unlock` and
-/// `post-dump` reach the shim, and `pre-dump` too with `pre_dump` (hybrid mode: the recorder
-/// steps aside there, see [`HookServer::start`]).
-pub fn write_hook_script(bundle: &Path, pre_dump: bool) -> Result<PathBuf, String> {
+/// Writes the hook script CRIU runs at every action. In passive mode `network-lock`,
+/// `network-unlock` and `post-dump` reach the shim. With `hybrid`, `pre-dump` (the recorder
+/// steps aside there, see [`HookServer::start`]) and `post-dump` do; the network actions do
+/// not, because the recorder holds inbound packets for the whole checkpoint, and every action
+/// that reaches the shim starts a process while the container is frozen.
+pub fn write_hook_script(bundle: &Path, hybrid: bool) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("find own binary: {e}"))?;
     let script = bundle.join(HOOK_SCRIPT);
-    let actions = if pre_dump {
-        "pre-dump|network-lock|network-unlock|post-dump"
+    let actions = if hybrid {
+        "pre-dump|post-dump"
     } else {
         "network-lock|network-unlock|post-dump"
     };

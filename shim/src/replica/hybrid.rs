@@ -1065,6 +1065,18 @@ async fn cycle(
             super::fs::HOOK_SCRIPT
         )));
     };
+    if let Some(st) = &report.stats {
+        tracing::debug!(
+            epoch = e,
+            "checkpoint: paused {:.1} ms (CRIU frozen {:.1} ms: memory dump {:.1} ms, write {:.1} ms), runc {:.1} ms, {} bytes",
+            ms(paused),
+            ms(st.frozen),
+            ms(st.memdump),
+            ms(st.memwrite),
+            ms(report.wall),
+            report.image_bytes
+        );
+    }
     let sending = Instant::now();
     let seq = match send_checkpoint(ch, &report.image_dir, e).await {
         Ok(s) => s,
