@@ -52,8 +52,8 @@ pub const KEYS: &[KeyDoc] = &[
     },
     KeyDoc {
         key: "epoch-ms",
-        default: "100",
-        help: "checkpoint interval in milliseconds (1 to 60000)",
+        default: "1000",
+        help: "checkpoint interval in milliseconds (1 to 60000); a full CRIU dump pauses the container about 100-160 ms, so much shorter epochs spend most of their time checkpointing",
     },
     KeyDoc {
         key: "auth-key-file",
@@ -335,7 +335,7 @@ impl Default for RrcConfig {
             role: Role::Primary,
             peer: None,
             listen: None,
-            epoch: Duration::from_millis(100),
+            epoch: DEFAULT_EPOCH,
             auth_key_file: None,
             heartbeat: Duration::from_millis(50),
             failover_timeout: Duration::from_millis(500),
@@ -346,6 +346,10 @@ impl Default for RrcConfig {
         }
     }
 }
+
+/// The checkpoint interval when none is configured: what full CRIU dumps sustain here (each
+/// pauses the container about 100-160 ms; see the README).
+pub const DEFAULT_EPOCH: Duration = Duration::from_millis(1000);
 
 /// Default port a backup listens on.
 pub const DEFAULT_LISTEN_PORT: u16 = 7070;

@@ -26,7 +26,8 @@ fn no_settings_is_mode_off_with_defaults() {
     a.insert("io.kubernetes.cri.sandbox-id".to_string(), "x".to_string());
     let cfg = load(&a).expect("valid");
     assert_eq!(cfg.mode, Mode::Off);
-    assert_eq!(cfg.epoch, Duration::from_millis(100));
+    assert_eq!(cfg.epoch, DEFAULT_EPOCH);
+    assert_eq!(DEFAULT_EPOCH, Duration::from_millis(1000));
     assert!(!cfg.is_configured());
 }
 

@@ -873,7 +873,7 @@ mod tests {
         assert_eq!(setup.upper, Some(upper));
         assert_eq!(setup.netns, PathBuf::from("/proc/self/ns/net"));
         assert_eq!(setup.key, vec![1u8; 32]);
-        assert_eq!(setup.epoch, replica::DEFAULT_PASSIVE_EPOCH);
+        assert_eq!(setup.epoch, rrc_config::DEFAULT_EPOCH);
         let saved = Spec::load(dir.path().join("config.json")).expect("saved spec");
         let conf = saved
             .annotations()

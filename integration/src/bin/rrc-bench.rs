@@ -150,6 +150,7 @@ struct Args {
     duration: u32,
     passive_duration: u32,
     recorder_cpu: Option<u32>,
+    epoch_ms: Option<u64>,
     modes: Vec<Mode>,
     workloads: Vec<Workload>,
     out: PathBuf,
@@ -157,7 +158,7 @@ struct Args {
 
 const USAGE: &str = "usage: rrc-bench [--rounds N] [--workloads LIST] [--modes LIST] [--requests N]
                  [--memcached-requests N] [--passive-requests N] [--duration S]
-                 [--passive-duration S] [--recorder-cpu N|none] [--out DIR]
+                 [--passive-duration S] [--recorder-cpu N|none] [--epoch-ms N] [--out DIR]
   --rounds N              rounds; each runs every mode once, alternating the order (default 5)
   --workloads LIST        comma list of redis, memcached, lighttpd (default all)
   --modes LIST            comma list of runc, off, passive, hybrid (default runc,off,passive)
@@ -169,6 +170,7 @@ const USAGE: &str = "usage: rrc-bench [--rounds N] [--workloads LIST] [--modes L
   --passive-duration S    seconds per wrk run in passive mode (default 10)
   --recorder-cpu N|none   hybrid: io.containerd.rrc.recorder-cpu (recorder and container
                           pinned to CPU N; default 1)
+  --epoch-ms N            passive and hybrid: io.containerd.rrc.epoch-ms (default: rrc's, 1000)
   --out DIR               where bench-WORKLOAD.{json,md} go (default integration/results)";
 
 fn parse_args() -> Result<Args> {
@@ -180,6 +182,7 @@ fn parse_args() -> Result<Args> {
         duration: 5,
         passive_duration: 10,
         recorder_cpu: Some(1),
+        epoch_ms: None,
         modes: vec![Mode::Runc, Mode::Off, Mode::Passive],
         workloads: vec![Workload::Redis, Workload::Memcached, Workload::Lighttpd],
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/results")),
@@ -197,6 +200,7 @@ fn parse_args() -> Result<Args> {
                 a.passive_requests = value()?.parse().context("--passive-requests")?
             }
             "--duration" => a.duration = value()?.parse().context("--duration")?,
+            "--epoch-ms" => a.epoch_ms = Some(value()?.parse().context("--epoch-ms")?),
             "--recorder-cpu" => {
                 a.recorder_cpu = match value()?.as_str() {
                     "none" => None,
@@ -964,6 +968,10 @@ fn main() -> Result<()> {
                             }
                             _ => Vec::new(),
                         };
+                        if let Some(ms) = args.epoch_ms {
+                            pair.annotations
+                                .push(format!("io.containerd.rrc.epoch-ms={ms}"));
+                        }
                         pair_run(pair, mode, round, &args, &mut samples)
                             .with_context(|| what.clone())?
                     }

@@ -42,9 +42,6 @@ pub const CRIU_CONFIG_FILE: &str = "rrc-criu.conf";
 pub const STORE_DIR: &str = "rrc-store";
 /// The primary's checkpoint images while they are sent, in its bundle.
 pub const EPOCHS_DIR: &str = "rrc-epochs";
-/// The epoch of passive mode when none is configured: what full CRIU dumps sustain here (a dump
-/// freezes the container for 67–136 ms; see README).
-pub const DEFAULT_PASSIVE_EPOCH: Duration = Duration::from_millis(1000);
 
 /// What Create learned about a replicated container.
 #[derive(Debug, Clone)]
@@ -140,15 +137,10 @@ pub fn prepare(
     spec.set_annotations(Some(annotations));
     spec.save(bundle.join("config.json"))
         .map_err(|e| Error::Other(format!("write config.json: {e}")))?;
-    let epoch = if config.sources.contains_key("epoch-ms") {
-        config.epoch
-    } else {
-        DEFAULT_PASSIVE_EPOCH
-    };
     Ok(ReplicaSetup {
         netns,
         key,
-        epoch,
+        epoch: config.epoch,
         upper,
     })
 }
