@@ -21,6 +21,10 @@ use crate::io::{replica_streams, IoSetup, ProcessIo, Stdio};
 use crate::options::ShimOptions;
 use crate::process::Process;
 use crate::replica::{self, ReplicaHandle, ReplicaSetup};
+
+/// How long Delete waits for a replication task to clean up (its rules in the container's
+/// namespace; a primary's goodbye to its backup).
+const REPLICA_FINISH: std::time::Duration = std::time::Duration::from_secs(3);
 use crate::runc::{kill_error, new_runc, read_pid_file, runtime_error, INIT_PID_FILE};
 
 /// File in the bundle where the shim records the decoded runtime options, so that `delete`
@@ -488,7 +492,8 @@ impl Container {
         Ok(p)
     }
 
-    /// Delete RPC for the container: `runc delete --force` and unmount the rootfs.
+    /// Delete RPC for the container: `runc delete --force`, the replication task ended (and
+    /// waited for), and the rootfs unmounted.
     pub async fn delete(&mut self) -> Result<()> {
         if matches!(
             self.init.status,
@@ -508,6 +513,9 @@ impl Container {
             if !msg.contains("does not exist") && !msg.contains("not exist") {
                 return Err(runtime_error(&self.bundle, e, "OCI runtime delete failed"));
             }
+        }
+        if let Some(h) = self.replica.as_mut().and_then(|r| r.handle.take()) {
+            h.finish(REPLICA_FINISH).await;
         }
         umount_recursive(self.bundle.join("rootfs").to_str(), 0)?;
         self.init.io.close().await;

@@ -145,7 +145,7 @@ async fn raw_rule(netns: &Path, op: &str, rule: &[String]) -> std::result::Resul
 }
 
 /// Removes the ingress rule a killed shim left (a queue nobody reads drops every packet).
-async fn remove_stale_ingress_rule(ctx: &ReplicaCtx) {
+pub(super) async fn remove_stale_ingress_rule(ctx: &ReplicaCtx) {
     let rule = ingress_rule(&ctx.id);
     for _ in 0..8 {
         if raw_rule(&ctx.setup.netns, "-D", &rule).await.is_err() {
@@ -405,7 +405,6 @@ pub async fn start(ctx: ReplicaCtx, mut recorder: Recorder) -> Result<ReplicaHan
     hold.set_tag_source(Box::new(move || p.written()));
 
     super::primary::remove_stale_rules(&ctx).await;
-    remove_stale_ingress_rule(&ctx).await;
     let out_rule = nfqueue_rule(None, queue);
     let mut add = vec!["-A".to_string()];
     add.extend(out_rule.iter().cloned());

@@ -274,6 +274,16 @@ impl ReplicaHandle {
     pub fn abort(&self) {
         self.task.abort();
     }
+
+    /// Asks the task to end and waits for it (at most `limit`): it removes what it installed
+    /// in the container's namespace (rules that would otherwise drop every packet).
+    pub async fn finish(mut self, limit: Duration) {
+        self.stop();
+        if tokio::time::timeout(limit, &mut self.task).await.is_err() {
+            tracing::warn!("the replication task did not end within {limit:?}: aborted");
+            self.task.abort();
+        }
+    }
 }
 
 impl Drop for ReplicaHandle {

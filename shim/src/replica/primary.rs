@@ -72,9 +72,10 @@ fn hold_rules(id: &str) -> Vec<Vec<String>> {
     ]
 }
 
-/// Removes hold and gate rules a killed shim left in the container's namespace: they would send
-/// packets to queues nobody reads.
+/// Removes the rules a killed shim left in the container's namespace (hold, gate, and hybrid
+/// mode's ingress log, whatever the mode now): they would send packets to queues nobody reads.
 pub async fn remove_stale_rules(ctx: &ReplicaCtx) {
+    super::hybrid::remove_stale_ingress_rule(ctx).await;
     let listing = match net::list_rules(&ctx.setup.netns).await {
         Ok(l) => l,
         Err(e) => {
