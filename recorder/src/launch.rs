@@ -51,6 +51,8 @@ pub struct Command {
     stderr: Option<OwnedFd>,
     cpu: Option<usize>,
     filter: Option<Vec<Insn>>,
+    trap_tsc: bool,
+    no_aslr: bool,
 }
 
 impl Command {
@@ -64,7 +66,28 @@ impl Command {
             stderr: None,
             cpu: None,
             filter: None,
+            trap_tsc: false,
+            no_aslr: false,
         }
+    }
+
+    /// Turns address-space randomisation off for the child (`personality(ADDR_NO_RANDOMIZE)`,
+    /// kept across exec), so that two runs of the same program lay out memory alike: a log
+    /// recorded this way can be replayed on a fresh run (`rrc-replayer`), the addresses it
+    /// wrote to being the same, given the same environment (the shell's `_`, which names the
+    /// command it ran, is left out). (A process restored from a checkpoint keeps its layout
+    /// anyway.)
+    pub fn no_aslr(mut self, on: bool) -> Self {
+        self.no_aslr = on;
+        self
+    }
+
+    /// Makes `rdtsc`/`rdtscp` fault (`PR_SET_TSC(PR_TSC_SIGSEGV)`, set in the child before its
+    /// exec; the flag survives execve), for a tracer that emulates them from the first
+    /// instruction on (the replayer).
+    pub fn trap_tsc(mut self, on: bool) -> Self {
+        self.trap_tsc = on;
+        self
     }
 
     /// Adds arguments.
@@ -162,6 +185,11 @@ pub fn spawn_stopped(cmd: &Command) -> Result<Tid, LaunchError> {
     }
     let mut envp_c = Vec::new();
     for (k, v) in std::env::vars_os() {
+        // The shell sets `_` to the command it ran, which differs between the recorder and
+        // the replayer: it would move the stack of a run meant to be laid out alike.
+        if cmd.no_aslr && k == "_" {
+            continue;
+        }
         let mut kv = k;
         kv.push("=");
         kv.push(v);
@@ -180,7 +208,12 @@ pub fn spawn_stopped(cmd: &Command) -> Result<Tid, LaunchError> {
         cmd.stdout.as_ref().map(|f| f.as_raw_fd()),
         cmd.stderr.as_ref().map(|f| f.as_raw_fd()),
     ];
-    let cpu = cmd.cpu;
+    let setup = ChildSetup {
+        fds,
+        cpu: cmd.cpu,
+        trap_tsc: cmd.trap_tsc,
+        no_aslr: cmd.no_aslr,
+    };
 
     // SAFETY: fork in a possibly multi-threaded process: the child only makes
     // async-signal-safe calls (sched_setaffinity, dup2, prctl, seccomp, kill, execve, _exit)
@@ -194,7 +227,7 @@ pub fn spawn_stopped(cmd: &Command) -> Result<Tid, LaunchError> {
     }
     if pid == 0 {
         // SAFETY: see above; every pointer refers to memory that the fork copied.
-        unsafe { child(&path, &argv, &envp, &filter, fds, cpu) }
+        unsafe { child(&path, &argv, &envp, &filter, setup) }
     }
     let mut status = 0;
     loop {
@@ -217,6 +250,15 @@ pub fn spawn_stopped(cmd: &Command) -> Result<Tid, LaunchError> {
     Ok(pid)
 }
 
+/// What the child sets up before it stops: its standard streams, CPU, rdtsc trap, layout.
+#[derive(Clone, Copy)]
+struct ChildSetup {
+    fds: [Option<i32>; 3],
+    cpu: Option<usize>,
+    trap_tsc: bool,
+    no_aslr: bool,
+}
+
 /// The child side of [`spawn_stopped`]. Never returns.
 ///
 /// # Safety
@@ -228,9 +270,14 @@ unsafe fn child(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     filter: &[Insn],
-    fds: [Option<i32>; 3],
-    cpu: Option<usize>,
+    setup: ChildSetup,
 ) -> ! {
+    let ChildSetup {
+        fds,
+        cpu,
+        trap_tsc,
+        no_aslr,
+    } = setup;
     if let Some(cpu) = cpu {
         let _ = pin_current_thread(cpu);
     }
@@ -251,6 +298,21 @@ unsafe fn child(
         }
         if bpf::install(filter).is_err() {
             // SAFETY: as above.
+            unsafe { libc::_exit(126) };
+        }
+    }
+    if no_aslr {
+        const ADDR_NO_RANDOMIZE: libc::c_ulong = 0x0040000;
+        // SAFETY: personality with an integer argument; affects only this (child) process.
+        if unsafe { libc::personality(ADDR_NO_RANDOMIZE) } == -1 {
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(126) };
+        }
+    }
+    if trap_tsc {
+        // SAFETY: plain prctl with integer arguments; affects only this (child) thread.
+        if unsafe { libc::prctl(libc::PR_SET_TSC, libc::PR_TSC_SIGSEGV, 0, 0, 0) } != 0 {
+            // SAFETY: _exit is always safe to call.
             unsafe { libc::_exit(126) };
         }
     }

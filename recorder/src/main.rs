@@ -3,7 +3,7 @@
 //! ```text
 //! rrc-recorder --pid PID --out FILE [--format eventlog|jsonl] [--container-id ID] [--no-vdso] [--no-rdtsc]
 //! rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE [--ingress-queue N --netns PATH] [--control-fd FD] [--container-id ID] [--cpu N]
-//! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]
+//! rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] [--no-vdso] [--no-rdtsc] [--no-aslr] --exec -- CMD [ARGS...]
 //! rrc-recorder --merge-profile [SECCOMP.json]
 //! rrc-recorder verify [--records] FILE
 //! ```
@@ -11,7 +11,9 @@
 //! `--pid` attaches to every thread of PID (running, blocked, or stopped in SIGSTOP, which is
 //! then continued) and records until every traced thread has exited; the process's seccomp
 //! filter must already trace the syscalls (the shim puts the merged profile into the OCI spec).
-//! `--exec` starts CMD under the recorder's own filter and exits with CMD's status.
+//! `--exec` starts CMD under the recorder's own filter and exits with CMD's status
+//! (`--no-aslr`: with address-space randomisation off, so that `rrc-replayer` can replay the
+//! log on a fresh run).
 //! With `--position-file` (how the shim runs it for a replicated container) each record is
 //! written to FILE with one `write` and the output's length is then published in that file
 //! (see `rrc_recorder::position`), which also says when every thread is attached; with
@@ -94,6 +96,7 @@ struct Args {
     cpu: Option<usize>,
     no_vdso: bool,
     no_rdtsc: bool,
+    no_aslr: bool,
     exec: Vec<OsString>,
     merge_profile: Option<Option<String>>,
     position_file: Option<String>,
@@ -108,7 +111,7 @@ const USAGE: &str = "usage: rrc-recorder --pid PID --out FILE [--format eventlog
      rrc-recorder (--pid PID | --pid-fifo FIFO) --out FILE --position-file FILE \
      [--ingress-queue N --netns PATH] [--control-fd FD] [--container-id ID] [--cpu N]\n       \
      rrc-recorder --out FILE [--format eventlog|jsonl] [--container-id ID] [--cpu N] \
-     [--no-vdso] [--no-rdtsc] --exec -- CMD [ARGS...]\n       \
+     [--no-vdso] [--no-rdtsc] [--no-aslr] --exec -- CMD [ARGS...]\n       \
      rrc-recorder --merge-profile [SECCOMP.json]\n       \
      rrc-recorder verify [--records] FILE";
 
@@ -149,6 +152,7 @@ fn parse_args() -> Result<Args> {
             }
             "--no-vdso" => args.no_vdso = true,
             "--no-rdtsc" => args.no_rdtsc = true,
+            "--no-aslr" => args.no_aslr = true,
             "--merge-profile" => {
                 args.merge_profile = Some(it.next().map(|v| v.to_string_lossy().into_owned()))
             }
@@ -242,12 +246,21 @@ fn verify(rest: &[String]) -> Result<ExitCode> {
     };
     let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
     let check = rrc_recorder::check_log(&bytes);
+    let mut out = io::stdout().lock();
+    // A reader that went away (`| head`) ends the listing, not the verdict below.
+    let mut listing = Ok(());
     if records {
         for r in &check.records {
-            println!("{}", rrc_recorder::eventlog::describe(r));
+            listing = writeln!(out, "{}", rrc_recorder::eventlog::describe(r));
+            if listing.is_err() {
+                break;
+            }
         }
     }
-    println!("{path}: {check}");
+    if listing.is_ok() {
+        let _ = writeln!(out, "{path}: {check}");
+    }
+    drop(out);
     if check.is_ok() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -286,7 +299,9 @@ fn run() -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if !args.exec.is_empty() {
-        let mut cmd = launch::Command::new(&args.exec[0]).args(&args.exec[1..]);
+        let mut cmd = launch::Command::new(&args.exec[0])
+            .args(&args.exec[1..])
+            .no_aslr(args.no_aslr);
         if let Some(cpu) = args.cpu {
             cmd = cmd.pin_cpu(cpu);
         }

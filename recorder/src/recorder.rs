@@ -1225,42 +1225,18 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
         tid: Tid,
         avoid: &[u64],
     ) -> io::Result<Option<(Event, Vec<String>)>> {
-        let maps = self.tracer.maps(tgid)?;
-        let Some((start, end)) = vdso::find_mapping(&maps) else {
+        let Some(done) = vdso::patch_process(&mut self.tracer, tgid, tid, avoid)? else {
             return Ok(None);
         };
-        let len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
-        let image = self.tracer.read_mem(tid, start, len)?;
-        let symbols =
-            vdso::symbols(&image).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let (mut patches, too_small) = vdso::plan(&symbols);
-        let mut skipped = Vec::new();
-        patches.retain(|p| {
-            let at = start + p.offset;
-            let hit = avoid
-                .iter()
-                .any(|&ip| ip >= at && ip < at + p.bytes.len() as u64);
-            if hit {
-                skipped.push(p.names.join("/"));
-            }
-            !hit
-        });
-        for s in &too_small {
-            tracing::warn!(tgid, symbol = %s.name, size = s.size, "vDSO entry too small to patch");
-        }
-        for p in &patches {
-            self.tracer.write_mem(tid, start + p.offset, &p.bytes)?;
-        }
-        if let Some(p) = patches.iter().find(|p| p.syscall.is_some()) {
-            // The stub's `syscall` instruction, 5 bytes in.
-            self.syscall_insn.insert(tgid, start + p.offset + 5);
+        if let Some(insn) = done.syscall_insn {
+            self.syscall_insn.insert(tgid, insn);
         }
         let event = Event::VdsoPatched {
             tgid,
-            base: start,
-            symbols: patches.iter().map(|p| p.to_event(start)).collect(),
+            base: done.base,
+            symbols: done.patches.iter().map(|p| p.to_event(done.base)).collect(),
         };
-        Ok(Some((event, skipped)))
+        Ok(Some((event, done.skipped)))
     }
 
     /// Starts injecting `prctl(PR_SET_TSC, PR_TSC_SIGSEGV)` into `tid`, stopped at a

@@ -217,6 +217,70 @@ pub fn find_mapping(maps: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// What [`patch_process`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Patched {
+    /// Where the `[vdso]` mapping starts.
+    pub base: u64,
+    /// The entry points patched.
+    pub patches: Vec<Patch>,
+    /// Entry points left alone because a stopped thread was inside one (their calls are not
+    /// recorded), by name.
+    pub skipped: Vec<String>,
+    /// The address of a `syscall` instruction in a patched stub, through which syscalls can be
+    /// injected into the process.
+    pub syscall_insn: Option<u64>,
+}
+
+/// Patches the vDSO of process `tgid` (read and written through its thread `tid`, stopped):
+/// its time entry points make the real syscalls, so the recorder (and a replayer) see them.
+/// `avoid` are addresses where stopped threads will resume: no stub may cover one. `None`
+/// when the process has no vDSO.
+pub fn patch_process<T: crate::ptrace::Tracer>(
+    tracer: &mut T,
+    tgid: crate::event::Tid,
+    tid: crate::event::Tid,
+    avoid: &[u64],
+) -> std::io::Result<Option<Patched>> {
+    let maps = tracer.maps(tgid)?;
+    let Some((start, end)) = find_mapping(&maps) else {
+        return Ok(None);
+    };
+    let len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+    let image = tracer.read_mem(tid, start, len)?;
+    let symbols =
+        symbols(&image).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let (mut patches, too_small) = plan(&symbols);
+    let mut skipped = Vec::new();
+    patches.retain(|p| {
+        let at = start + p.offset;
+        let hit = avoid
+            .iter()
+            .any(|&ip| ip >= at && ip < at + p.bytes.len() as u64);
+        if hit {
+            skipped.push(p.names.join("/"));
+        }
+        !hit
+    });
+    for s in &too_small {
+        tracing::warn!(tgid, symbol = %s.name, size = s.size, "vDSO entry too small to patch");
+    }
+    for p in &patches {
+        tracer.write_mem(tid, start + p.offset, &p.bytes)?;
+    }
+    // The stub's `syscall` instruction, 5 bytes in.
+    let syscall_insn = patches
+        .iter()
+        .find(|p| p.syscall.is_some())
+        .map(|p| start + p.offset + 5);
+    Ok(Some(Patched {
+        base: start,
+        patches,
+        skipped,
+        syscall_insn,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
