@@ -279,21 +279,38 @@ pub fn run_hook(fifo: &Path, position: &Path, state: &str) -> std::result::Resul
     let st: OciState = serde_json::from_str(state)
         .map_err(|e| format!("the OCI state on stdin has no pid: {e}"))?;
     let pos = SharedPosition::open(position).map_err(|e| format!("{}: {e}", position.display()))?;
-    // Non-blocking open: with no reader (the recorder is gone) this fails instead of hanging.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(fifo)
-        .map_err(|e| {
-            format!(
-                "cannot reach the recorder through {}: {e} (is rrc-recorder running?)",
-                fifo.display()
-            )
-        })?;
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    // Non-blocking open: with no reader it fails (ENXIO) instead of hanging. A recorder that
+    // is starting has not opened its end yet: try again until it has, or it is known dead, or
+    // the deadline passes.
+    let mut f = loop {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo);
+        let e = match opened {
+            Ok(f) => break f,
+            Err(e) => e,
+        };
+        let recorder = i32::try_from(pos.pid()).unwrap_or(0);
+        let dead = recorder > 0
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(recorder), None).is_err();
+        if e.raw_os_error() != Some(libc::ENXIO) || dead || Instant::now() > deadline {
+            return Err(format!(
+                "cannot reach the recorder through {}: {e} ({})",
+                fifo.display(),
+                if dead {
+                    format!("the recorder, pid {recorder}, is gone")
+                } else {
+                    "is rrc-recorder running?".to_string()
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     std::io::Write::write_all(&mut f, format!("{}\n", st.pid).as_bytes())
         .map_err(|e| format!("writing to {}: {e}", fifo.display()))?;
     drop(f);
-    let deadline = Instant::now() + ATTACH_TIMEOUT;
     while pos.state() != STATE_ATTACHED {
         if Instant::now() > deadline {
             return Err(format!(
@@ -1161,5 +1178,57 @@ async fn dump_parked(
              parked, so the dump is not used",
             super::fs::HOOK_SCRIPT
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fifo_and_position(dir: &Path) -> (PathBuf, PathBuf, SharedPosition) {
+        let fifo = dir.join(PID_FIFO);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+        let position = dir.join(POSITION_FILE);
+        let pos = SharedPosition::create(&position).expect("position");
+        (fifo, position, pos)
+    }
+
+    #[test]
+    fn the_hook_waits_for_a_recorder_that_opens_its_fifo_late() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (fifo, position, pos) = fifo_and_position(dir.path());
+        pos.set_pid(u64::from(std::process::id()));
+        // The "recorder" opens its end only after 100 ms, reads the pid, says attached.
+        let f2 = fifo.clone();
+        let p2 = position.clone();
+        let recorder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let text = std::fs::read_to_string(&f2).expect("read the fifo");
+            SharedPosition::open(&p2)
+                .expect("position")
+                .set_state(STATE_ATTACHED);
+            text
+        });
+        run_hook(&fifo, &position, r#"{"pid": 4242}"#).expect("the hook reached the recorder");
+        assert_eq!(recorder.join().expect("thread").trim(), "4242");
+    }
+
+    #[test]
+    fn the_hook_says_so_at_once_when_the_recorder_is_gone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (fifo, position, pos) = fifo_and_position(dir.path());
+        // A pid that exited: a child reaped at once.
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        pos.set_pid(u64::from(dead));
+        let started = Instant::now();
+        let err = run_hook(&fifo, &position, r#"{"pid": 4242}"#).expect_err("no recorder");
+        assert!(err.contains("is gone"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
