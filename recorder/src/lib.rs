@@ -101,6 +101,8 @@ pub mod recorder;
 pub mod scan;
 pub mod stream;
 pub mod syscalls;
+#[doc(hidden)]
+pub mod testprog;
 pub mod vdso;
 
 pub use event::{Event, JsonLinesSink, Sink, VecSink};

@@ -187,6 +187,47 @@ pub struct SigInfo {
     pub raw: [u8; SIGINFO_SIZE],
 }
 
+/// Whether a ptrace or wait error says the thread is gone (killed meanwhile; its exit report
+/// follows).
+pub fn is_gone(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// The `rdtsc` (`0f 31`) or `rdtscp` (`0f 01 f9`) instruction at the start of `code`: its
+/// length and whether it is `rdtscp`.
+pub fn tsc_instruction(code: &[u8]) -> Option<(u64, bool)> {
+    match code {
+        [0x0f, 0x31, ..] => Some((2, false)),
+        [0x0f, 0x01, 0xf9, ..] => Some((3, true)),
+        _ => None,
+    }
+}
+
+/// Makes `regs` look as if the `rdtsc`/`rdtscp` of length `len` at `rip` ran and read `tsc`
+/// (and `aux`, for `rdtscp`).
+pub fn set_tsc_result(regs: &mut Regs, len: u64, tsc: u64, aux: Option<u32>) {
+    regs.rax = tsc & 0xffff_ffff;
+    regs.rdx = tsc >> 32;
+    if let Some(aux) = aux {
+        regs.rcx = u64::from(aux);
+    }
+    regs.rip = regs.rip.wrapping_add(len);
+}
+
+/// This thread's own TSC (and `IA32_TSC_AUX` with `rdtscp`). The calling thread must be
+/// allowed to read it (see `PR_SET_TSC`).
+pub fn read_tsc_raw(rdtscp: bool) -> (u64, Option<u32>) {
+    if rdtscp {
+        let mut aux = 0u32;
+        // SAFETY: rdtscp has no memory effects besides writing `aux`, a valid local.
+        let v = unsafe { core::arch::x86_64::__rdtscp(&mut aux) };
+        (v, Some(aux))
+    } else {
+        // SAFETY: rdtsc has no memory effects.
+        (unsafe { core::arch::x86_64::_rdtsc() }, None)
+    }
+}
+
 /// Bytes in a `siginfo_t` (x86_64).
 pub const SIGINFO_SIZE: usize = 128;
 

@@ -33,7 +33,7 @@ use crate::bpf::{AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
 use crate::capture::{self, EntrySnapshot, MemRead};
 use crate::control::{Command, Control, Reply};
 use crate::event::{CreateKind, Event, ExitKind, MemWrite, Sink, SyscallRecord, Tid};
-use crate::ptrace::{self, Regs, Resume, Stop, Tracer};
+use crate::ptrace::{self, is_gone, read_tsc_raw, Regs, Resume, Stop, Tracer};
 use crate::scan::ProcessList;
 use crate::syscalls::{self, Class};
 use crate::vdso;
@@ -225,10 +225,6 @@ impl<T: Tracer, S: Sink> std::fmt::Debug for Recorder<T, S> {
 const SI_KERNEL: i32 = 0x80;
 const PR_SET_TSC: u64 = 26;
 const PR_TSC_SIGSEGV: u64 = 2;
-
-fn is_gone(err: &io::Error) -> bool {
-    err.raw_os_error() == Some(libc::ESRCH)
-}
 
 /// The outcome of ptrace operation `what` on `tid`: `None` when the thread has vanished
 /// meanwhile (killed, e.g. by another thread's `exit_group`: its exit report follows).
@@ -1336,19 +1332,12 @@ impl<T: Tracer, S: Sink> Recorder<T, S> {
             Ok(c) => c,
             Err(_) => return Ok(None),
         };
-        let (len, rdtscp) = match code.as_slice() {
-            [0x0f, 0x31, ..] => (2, false),
-            [0x0f, 0x01, 0xf9] => (3, true),
-            _ => return Ok(None),
+        let Some((len, rdtscp)) = ptrace::tsc_instruction(&code) else {
+            return Ok(None);
         };
         let (value, aux) = read_tsc(rdtscp);
-        regs.rax = value & 0xffff_ffff;
-        regs.rdx = value >> 32;
-        if let Some(aux) = aux {
-            regs.rcx = u64::from(aux);
-        }
         let ip = regs.rip;
-        regs.rip = regs.rip.wrapping_add(len);
+        ptrace::set_tsc_result(&mut regs, len, value, aux);
         if alive(self.tracer.set_regs(tid, &regs), "PTRACE_SETREGS", tid)?.is_none() {
             return Ok(None);
         }
@@ -1448,18 +1437,6 @@ fn read_tsc(rdtscp: bool) -> (u64, Option<u32>) {
         set_tsc(libc::PR_TSC_SIGSEGV);
     }
     out
-}
-
-fn read_tsc_raw(rdtscp: bool) -> (u64, Option<u32>) {
-    if rdtscp {
-        let mut aux = 0u32;
-        // SAFETY: rdtscp has no memory effects besides writing `aux`, a valid local.
-        let v = unsafe { core::arch::x86_64::__rdtscp(&mut aux) };
-        (v, Some(aux))
-    } else {
-        // SAFETY: rdtsc has no memory effects.
-        (unsafe { core::arch::x86_64::_rdtsc() }, None)
-    }
 }
 
 /// Checks the invariants a recorded event stream must satisfy (used by the tests, and a start

@@ -6,40 +6,14 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use crate::event::{CreateKind, Event, ExitKind, SyscallRecord, VecSink};
 use crate::launch::{record_command, Command};
 use crate::recorder::{check_order, writes_concat, Options, Summary};
 
-const SRC: &str = include_str!("../testprogs/rrctest.c");
-
-/// The test program, compiled once per source version (kept in the temp dir between runs).
+/// The test program, compiled once per source version.
 fn prog() -> &'static Path {
-    static PROG: OnceLock<PathBuf> = OnceLock::new();
-    PROG.get_or_init(|| {
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in SRC.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-        }
-        let dir = std::env::temp_dir().join("rrc-recorder-tests");
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let out = dir.join(format!("rrctest-{h:016x}"));
-        if out.exists() {
-            return out;
-        }
-        let tmp = dir.join(format!("rrctest-{h:016x}.{}", std::process::id()));
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/testprogs/rrctest.c");
-        let st = std::process::Command::new("cc")
-            .args(["-O1", "-pthread", "-o"])
-            .arg(&tmp)
-            .arg(src)
-            .status()
-            .expect("cc (build-essential) is needed to build the recorder's test program");
-        assert!(st.success(), "cc failed on {src}");
-        std::fs::rename(&tmp, &out).expect("rename");
-        out
-    })
+    crate::testprog::path()
 }
 
 struct Run {

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use rrc_eventlog::{Event, EventRecord, Thread, Time};
 use rrc_recorder::event::Tid;
-use rrc_recorder::ptrace::{self, Regs, Resume, Stop, SyscallInfo, Tracer};
+use rrc_recorder::ptrace::{self, is_gone, Regs, Resume, Stop, SyscallInfo, Tracer};
 use rrc_recorder::syscalls::{self, Class};
 use rrc_recorder::vdso;
 
@@ -167,16 +167,12 @@ impl<T: Tracer> fmt::Debug for Replayer<T> {
     }
 }
 
-fn gone(err: &io::Error) -> bool {
-    err.raw_os_error() == Some(libc::ESRCH)
-}
-
 /// The outcome of ptrace operation `what` on `tid`: `None` when the thread vanished meanwhile
 /// (its exit report follows).
 fn traced<V>(r: io::Result<V>, what: &'static str, tid: Tid) -> Result<Option<V>, ReplayError> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(e) if gone(&e) => Ok(None),
+        Err(e) if is_gone(&e) => Ok(None),
         Err(err) => Err(ReplayError::Trace { what, tid, err }),
     }
 }
@@ -356,15 +352,6 @@ impl<T: Tracer> Replayer<T> {
                 self.stopped(tid, At::Entry(info))
             }
             Stop::Syscall => {
-                let Some(info) = traced(
-                    self.tracer.syscall_info(tid),
-                    "PTRACE_GET_SYSCALL_INFO",
-                    tid,
-                )?
-                else {
-                    return Ok(());
-                };
-                let _ = info;
                 let running = self.threads.get_mut(&tid).and_then(|t| t.running.take());
                 match running {
                     Some(nr) if !self.live => self.stopped(tid, At::Exit(nr)),
@@ -664,23 +651,16 @@ impl<T: Tracer> Replayer<T> {
             return Ok(true);
         };
         let code = self.tracer.read_mem(tid, regs.rip, 3).unwrap_or_default();
-        let (len, is_p) = match code.as_slice() {
-            [0x0f, 0x31, ..] => (2, false),
-            [0x0f, 0x01, 0xf9] => (3, true),
-            _ => return Ok(false),
+        let Some((len, is_p)) = ptrace::tsc_instruction(&code) else {
+            return Ok(false);
         };
         let (tsc, aux) = match value {
             Some(Time::Rdtsc { tsc }) if !is_p => (tsc, None),
             Some(Time::Rdtscp { tsc, aux }) if is_p => (tsc, Some(aux)),
             Some(_) => return Ok(false),
-            None => read_tsc(is_p),
+            None => ptrace::read_tsc_raw(is_p),
         };
-        regs.rax = tsc & 0xffff_ffff;
-        regs.rdx = tsc >> 32;
-        if let Some(aux) = aux {
-            regs.rcx = u64::from(aux);
-        }
-        regs.rip = regs.rip.wrapping_add(len);
+        ptrace::set_tsc_result(&mut regs, len, tsc, aux);
         set_regs(&mut self.tracer, tid, &regs)?;
         Ok(true)
     }
@@ -818,7 +798,7 @@ impl<T: Tracer> Replayer<T> {
         // The new image's clocks must trap as they did when it was recorded.
         match vdso::patch_process(&mut self.tracer, tid, tid, &[]) {
             Ok(_) => {}
-            Err(e) if gone(&e) => return Ok(()),
+            Err(e) if is_gone(&e) => return Ok(()),
             Err(e) => tracing::warn!(tid, "vDSO not patched after exec: {e}"),
         }
         let how = if self.live {
@@ -863,24 +843,12 @@ impl<T: Tracer> Replayer<T> {
 fn set_regs<T: Tracer>(t: &mut T, tid: Tid, regs: &Regs) -> Result<(), ReplayError> {
     match t.set_regs(tid, regs) {
         Ok(()) => Ok(()),
-        Err(e) if gone(&e) => Ok(()),
+        Err(e) if is_gone(&e) => Ok(()),
         Err(err) => Err(ReplayError::Trace {
             what: "PTRACE_SETREGS",
             tid,
             err,
         }),
-    }
-}
-
-fn read_tsc(rdtscp: bool) -> (u64, Option<u32>) {
-    if rdtscp {
-        let mut aux = 0u32;
-        // SAFETY: rdtscp has no memory effects besides writing `aux`, a valid local.
-        let v = unsafe { core::arch::x86_64::__rdtscp(&mut aux) };
-        (v, Some(aux))
-    } else {
-        // SAFETY: rdtsc has no memory effects.
-        (unsafe { core::arch::x86_64::_rdtsc() }, None)
     }
 }
 

@@ -1,48 +1,20 @@
 //! End to end: real programs recorded by the recorder, then replayed from their log. The
-//! recorder's test program (`recorder/testprogs/rrctest.c`) is compiled at test time with `cc`.
+//! recorder's test program (`recorder/testprogs/rrctest.c`, `rrc_recorder::testprog`) is
+//! compiled at test time with `cc`.
 //! Root, no containers.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use rrc_recorder::launch::{self, Command};
 use rrc_recorder::{EventlogSink, Options};
 
 use crate::{Plan, ReplayError, ReplaySummary, Replayer};
 
-const SRC: &str = include_str!("../../recorder/testprogs/rrctest.c");
-
 fn prog() -> &'static Path {
-    static PROG: OnceLock<PathBuf> = OnceLock::new();
-    PROG.get_or_init(|| {
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in SRC.bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-        }
-        let dir = std::env::temp_dir().join("rrc-replayer-tests");
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let out = dir.join(format!("rrctest-{h:016x}"));
-        if out.exists() {
-            return out;
-        }
-        let tmp = dir.join(format!("rrctest-{h:016x}.{}", std::process::id()));
-        let src = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../recorder/testprogs/rrctest.c"
-        );
-        let st = std::process::Command::new("cc")
-            .args(["-O1", "-pthread", "-o"])
-            .arg(&tmp)
-            .arg(src)
-            .status()
-            .expect("cc (build-essential) is needed to build the test program");
-        assert!(st.success(), "cc failed on {src}");
-        std::fs::rename(&tmp, &out).expect("rename");
-        out
-    })
+    rrc_recorder::testprog::path()
 }
 
 fn capture() -> (File, OwnedFd) {
