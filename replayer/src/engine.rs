@@ -46,6 +46,63 @@ use rrc_recorder::vdso;
 
 use crate::plan::{is_passive, Plan};
 
+/// How long a replay may go without applying a record before it is declared stalled.
+pub const STALL: Duration = Duration::from_secs(5);
+/// How often the replaying thread's wait is interrupted to check for a stall.
+const KICK: Duration = Duration::from_millis(500);
+
+extern "C" fn wake(_: libc::c_int) {}
+
+/// Interrupts the calling thread's `waitpid` every [`KICK`] (`SIGUSR1`, a handler that does
+/// nothing, installed without `SA_RESTART`) while it lives, so a replay can notice it stalled.
+struct Kicker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Kicker {
+    fn start() -> Kicker {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // SAFETY: a zeroed sigaction with a handler that does nothing is valid; the handler is
+        // async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = wake as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rrc-replay-kick".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    std::thread::sleep(KICK);
+                    if !s.load(Ordering::SeqCst) {
+                        // SAFETY: tgkill to a thread of this process with a signal whose
+                        // handler does nothing.
+                        unsafe {
+                            libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1);
+                        }
+                    }
+                }
+            })
+            .ok();
+        Kicker { stop, thread }
+    }
+}
+
+impl Drop for Kicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `rt_sigreturn`: returns the interrupted context's value, not a result of its own.
 const RT_SIGRETURN: u64 = 15;
 
@@ -155,6 +212,8 @@ pub struct Replayer<T: Tracer> {
     live: bool,
     root: Option<Tid>,
     summary: ReplaySummary,
+    /// When a record was last applied.
+    progress_at: Instant,
 }
 
 impl<T: Tracer> fmt::Debug for Replayer<T> {
@@ -196,6 +255,7 @@ impl<T: Tracer> Replayer<T> {
             live: false,
             root: None,
             summary: ReplaySummary::default(),
+            progress_at: Instant::now(),
         }
     }
 
@@ -257,12 +317,20 @@ impl<T: Tracer> Replayer<T> {
 
     /// Replays until every traced thread has ended.
     pub fn run(&mut self) -> Result<ReplaySummary, ReplayError> {
+        let _kick = Kicker::start();
+        self.progress_at = Instant::now();
         self.advance()?;
         loop {
             let (tid, status) = match self.tracer.wait() {
                 Ok(Some(s)) => s,
                 Ok(None) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if let Some(e) = self.stalled() {
+                        self.kill_all();
+                        return Err(e);
+                    }
+                    continue;
+                }
                 Err(err) => {
                     return Err(ReplayError::Trace {
                         what: "waitpid",
@@ -279,6 +347,41 @@ impl<T: Tracer> Replayer<T> {
             }
         }
         Ok(self.summary.clone())
+    }
+
+    /// A replay that applied no record for [`STALL`]: the thread whose record is next never
+    /// got there (blocked for real, waiting for something the recorded order has not let
+    /// happen yet: a user-space race took another course). A divergence.
+    fn stalled(&self) -> Option<ReplayError> {
+        if self.live || self.progress_at.elapsed() < STALL {
+            return None;
+        }
+        let rec = self.plan.record(self.next)?;
+        let waiting: Vec<String> = self
+            .waiting
+            .iter()
+            .map(|(t, at)| {
+                let name = self
+                    .threads
+                    .get(t)
+                    .and_then(|s| s.log)
+                    .map_or(t.to_string(), |l| l.to_string());
+                format!("{name} {}", describe(*at))
+            })
+            .collect();
+        Some(ReplayError::Diverged(Divergence {
+            seq: self.next,
+            thread: rec.thread,
+            expected: describe_record(rec),
+            found: format!(
+                "did not get there within {STALL:?} (stopped, waiting for their turn: {})",
+                if waiting.is_empty() {
+                    "none".to_string()
+                } else {
+                    waiting.join("; ")
+                }
+            ),
+        }))
     }
 
     /// Kills every traced process (a diverged replay must not go on).
@@ -433,6 +536,7 @@ impl<T: Tracer> Replayer<T> {
     }
 
     fn took(&mut self, rec: &EventRecord) {
+        self.progress_at = Instant::now();
         *self
             .summary
             .applied
