@@ -17,6 +17,9 @@
 //!
 //! A linear sweep can misread data embedded in code, and a site found is not necessarily
 //! executed: what is reported is "present in the code", an upper bound of what might diverge.
+//! The scan runs beside the traced threads, not in their way: a process that ends before the
+//! scanner first looks at it (a few milliseconds on an idle machine, longer on a loaded one)
+//! goes unscanned.
 //!
 //! [`spawn_scanner`] runs this on a thread of its own (never the tracing thread: reading files
 //! takes milliseconds), told by the recorder which processes exist ([`ProcessList`]: attach,

@@ -1020,8 +1020,9 @@ fn the_code_of_a_recorded_program_is_scanned_into_its_log() {
     let stop = Arc::new(AtomicBool::new(false));
     let scanner =
         spawn_scanner(list.clone(), scan_report(sink.log()), stop.clone()).expect("scanner");
-    // Four threads spinning for 400 ms: long enough for the scanner to see the process.
-    let cmd = Command::new(prog()).args(["spin", "400"]);
+    // Four threads spinning for 2 s: the scanner looks at a process asynchronously, and on a
+    // loaded machine (the other tests) it may take a while to get there.
+    let cmd = Command::new(prog()).args(["spin", "2000"]);
     let pid = crate::launch::spawn_stopped(&cmd).expect("spawn");
     {
         let mut rec = crate::Recorder::new(crate::ptrace::Ptrace, &mut sink, Options::default())
