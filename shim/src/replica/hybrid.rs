@@ -68,8 +68,8 @@ use tokio::sync::watch;
 use super::fs::{HookServer, PreDump};
 use super::net;
 use super::primary::{
-    backup_lost, bind, goodbye, instance_id, ms, primary_status, queues, remove_epoch,
-    send_checkpoint, End,
+    backup_lost, bind, forget_epoch, goodbye, instance_id, ms, primary_status, queues,
+    remove_epoch, send_and_commit, End,
 };
 use super::runner::ShimRunner;
 use super::wire::{encode_log, Control, LogCut, STREAM_CONTROL, STREAM_LOG};
@@ -1060,22 +1060,18 @@ async fn cycle(
     cut_tx: &watch::Sender<Option<LogCut>>,
 ) -> std::result::Result<Cycle, CycleError> {
     let dir = p.ctx.bundle.join(EPOCHS_DIR).join(e.to_string());
-    let forget = |dir: &Path| {
-        p.hooks.undo_last();
-        remove_epoch(dir);
-    };
     p.hooks.arm(&dir);
     let dumped = dump_parked(p, &dir, e, cut_tx).await;
     let delta = p.hooks.disarm();
     let (report, cut, paused) = match dumped {
         Ok(d) => d,
         Err(why) => {
-            forget(&dir);
+            forget_epoch(&dir, Some(&p.hooks), delta.is_some());
             return Err(CycleError::Dump(why));
         }
     };
     let Some(delta) = delta else {
-        forget(&dir);
+        forget_epoch(&dir, Some(&p.hooks), false);
         return Err(CycleError::Dump(format!(
             "CRIU did not run its post-dump hook ({} in the bundle)",
             super::fs::HOOK_SCRIPT
@@ -1093,22 +1089,10 @@ async fn cycle(
             report.image_bytes
         );
     }
-    let sending = Instant::now();
-    let seq = match send_checkpoint(ch, &report.image_dir, e).await {
-        Ok(s) => s,
-        Err(why) => {
-            forget(&dir);
-            return Err(CycleError::Channel(why));
-        }
-    };
-    let transfer_ms = ms(sending.elapsed());
-    let waiting = Instant::now();
-    // The backup handles messages in order and acknowledges the checkpoint's last piece once
-    // it is committed; an acknowledgement of anything later implies it too.
-    if let Err(err) = ch.wait_acked(seq).await {
-        forget(&dir);
-        return Err(CycleError::Channel(err.to_string()));
-    }
+    let (transfer, commit_wait) =
+        send_and_commit(ch, &report.image_dir, &dir, e, Some(&p.hooks), true)
+            .await
+            .map_err(CycleError::Channel)?;
     remove_epoch(&dir);
     Ok(Cycle {
         cut,
@@ -1116,8 +1100,8 @@ async fn cycle(
             epoch: e,
             frozen_ms: ms(paused),
             dump_ms: ms(report.wall),
-            transfer_ms,
-            commit_wait_ms: ms(waiting.elapsed()),
+            transfer_ms: ms(transfer),
+            commit_wait_ms: ms(commit_wait),
             bytes: report.image_bytes,
             fs_delta_bytes: delta.bytes,
             at_unix_ms: crate::status::unix_ms_now(),

@@ -437,10 +437,7 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
         let report = match dumped {
             Ok(r) => r,
             Err(err) => {
-                if let (Some(fs), Some(_)) = (fs, &delta) {
-                    fs.undo_last();
-                }
-                remove_epoch(&dir);
+                forget_epoch(&dir, fs, delta.is_some());
                 failures += 1;
                 tracing::error!(id = %ctx.id, epoch = e, "checkpoint failed: {err}");
                 if failures >= MAX_FAILED_DUMPS && protected {
@@ -473,26 +470,11 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
                 report.image_bytes
             );
         }
-        let sending = Instant::now();
-        let seq = match send_checkpoint(ch, &report.image_dir, e).await {
-            Ok(s) => s,
-            Err(why) => {
-                remove_epoch(&dir);
-                if let Some(fs) = fs {
-                    fs.undo_last();
-                }
-                return why;
-            }
-        };
-        let transfer_ms = ms(sending.elapsed());
-        let waiting = Instant::now();
-        if let Err(err) = ch.wait_acked(seq).await {
-            remove_epoch(&dir);
-            if let Some(fs) = fs {
-                fs.undo_last();
-            }
-            return err.to_string();
-        }
+        let (transfer, commit_wait) =
+            match send_and_commit(ch, &report.image_dir, &dir, e, fs, delta.is_some()).await {
+                Ok(t) => t,
+                Err(why) => return why,
+            };
         hold.release_upto(e - 1);
         remove_epoch(&dir);
         if !protected {
@@ -506,8 +488,8 @@ async fn session(p: &Parts<'_>, ch: &Channel, epoch: &mut u64, status: &mut Stat
             epoch: e,
             frozen_ms,
             dump_ms,
-            transfer_ms,
-            commit_wait_ms: ms(waiting.elapsed()),
+            transfer_ms: ms(transfer),
+            commit_wait_ms: ms(commit_wait),
             bytes: report.image_bytes,
             fs_delta_bytes: fs_bytes,
             at_unix_ms: crate::status::unix_ms_now(),
@@ -521,6 +503,45 @@ pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A checkpoint that will not commit: its files go, and the writable layer's delta it carried
+/// (`had_delta`: the dump got as far as CRIU's post-dump hook) is carried by the next one.
+pub(super) fn forget_epoch(dir: &Path, fs: Option<&HookServer>, had_delta: bool) {
+    if had_delta {
+        if let Some(fs) = fs {
+            fs.undo_last();
+        }
+    }
+    remove_epoch(dir);
+}
+
+/// Sends the dumped checkpoint of epoch `epoch` (images in `image_dir`, its files under `dir`)
+/// and waits for the backup's commit: the backup handles messages in order and acknowledges
+/// the last piece once committed, so an acknowledgement of anything later implies it too.
+/// Returns how long the transfer and the wait took. On failure the epoch is forgotten
+/// ([`forget_epoch`]) and the error ends the pairing.
+pub(super) async fn send_and_commit(
+    ch: &Channel,
+    image_dir: &Path,
+    dir: &Path,
+    epoch: u64,
+    fs: Option<&HookServer>,
+    had_delta: bool,
+) -> std::result::Result<(Duration, Duration), String> {
+    let sending = Instant::now();
+    let sent = send_checkpoint(ch, image_dir, epoch).await;
+    let transfer = sending.elapsed();
+    let waiting = Instant::now();
+    let committed = match sent {
+        Ok(seq) => ch.wait_acked(seq).await.map_err(|e| e.to_string()),
+        Err(why) => Err(why),
+    };
+    if let Err(why) = committed {
+        forget_epoch(dir, fs, had_delta);
+        return Err(why);
+    }
+    Ok((transfer, waiting.elapsed()))
+}
+
 pub(super) fn remove_epoch(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     for suffix in [".work", ".fs"] {
@@ -531,11 +552,7 @@ pub(super) fn remove_epoch(dir: &Path) {
 }
 
 /// Streams an image directory; returns the sequence number of its last piece.
-pub(super) async fn send_checkpoint(
-    ch: &Channel,
-    dir: &Path,
-    epoch: u64,
-) -> std::result::Result<u64, String> {
+async fn send_checkpoint(ch: &Channel, dir: &Path, epoch: u64) -> std::result::Result<u64, String> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let d = dir.to_path_buf();
     let producer = tokio::task::spawn_blocking(move || {
