@@ -654,14 +654,19 @@ mod tests {
     use super::*;
     use rrc_eventlog::{Event, SegmentStart, Thread, Writer};
 
-    fn a_log() -> Vec<u8> {
+    /// A log writer whose first segment starts at sequence 1, epoch 0, with one thread.
+    fn a_writer() -> Writer<Vec<u8>> {
         let start = SegmentStart {
             base_seq: 1,
             epoch: 0,
             container_id: "c".into(),
             live: vec![Thread::new(1, 1)],
         };
-        let mut w = Writer::new(Vec::new(), start).expect("writer");
+        Writer::new(Vec::new(), start).expect("writer")
+    }
+
+    fn a_log() -> Vec<u8> {
+        let mut w = a_writer();
         for i in 0..20u8 {
             w.append(
                 Thread::NONE,
@@ -704,13 +709,7 @@ mod tests {
     #[test]
     fn a_pairing_starts_at_a_cut_and_a_commit_drops_what_is_before_the_next() {
         // Three segments: epoch 0, then cut at epoch 1 and at epoch 2.
-        let start = SegmentStart {
-            base_seq: 1,
-            epoch: 0,
-            container_id: "c".into(),
-            live: vec![Thread::new(1, 1)],
-        };
-        let mut w = Writer::new(Vec::new(), start).expect("writer");
+        let mut w = a_writer();
         let mut cuts = Vec::new();
         for epoch in 0..3u8 {
             if epoch > 0 {
