@@ -36,6 +36,7 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use rrc_eventlog::{GapKind, Unrecordable};
 
 use crate::event::Tid;
+use crate::vdso::{u16_at, u32_at, u64_at};
 
 /// How often every process is looked at again (libraries opened later).
 pub const RESCAN: Duration = Duration::from_secs(1);
@@ -73,16 +74,6 @@ pub fn sites_in_code(code: &[u8], ip: u64) -> Vec<Site> {
     out
 }
 
-fn le_u16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-fn le_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn le_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
 /// The executable ranges of an ELF64 little-endian x86_64 file, as (file offset, length):
 /// sections with `SHF_EXECINSTR` (`SHT_PROGBITS`), or the `PF_X` `PT_LOAD` segments of a file
 /// without section headers. Every range lies inside the file.
@@ -96,19 +87,19 @@ pub fn exec_ranges(elf: &[u8]) -> Result<Vec<(u64, u64)>, String> {
     let len = elf.len() as u64;
     let inside = |off: u64, size: u64| off.checked_add(size).is_some_and(|end| end <= len);
     let bad = || "truncated ELF header".to_string();
-    let shoff = le_u64(elf, 0x28).ok_or_else(bad)?;
-    let shentsize = u64::from(le_u16(elf, 0x3a).ok_or_else(bad)?);
-    let shnum = u64::from(le_u16(elf, 0x3c).ok_or_else(bad)?);
+    let shoff = u64_at(elf, 0x28).ok_or_else(bad)?;
+    let shentsize = u64::from(u16_at(elf, 0x3a).ok_or_else(bad)?);
+    let shnum = u64::from(u16_at(elf, 0x3c).ok_or_else(bad)?);
     let mut out = Vec::new();
     if shoff != 0 && shnum > 0 && shentsize >= 0x40 {
         for i in 0..shnum {
             let at = shoff.saturating_add(i.saturating_mul(shentsize));
             let Ok(at) = usize::try_from(at) else { break };
             let (Some(kind), Some(flags), Some(off), Some(size)) = (
-                le_u32(elf, at + 4),
-                le_u64(elf, at + 8),
-                le_u64(elf, at + 0x18),
-                le_u64(elf, at + 0x20),
+                u32_at(elf, at + 4),
+                u64_at(elf, at + 8),
+                u64_at(elf, at + 0x18),
+                u64_at(elf, at + 0x20),
             ) else {
                 break;
             };
@@ -122,9 +113,9 @@ pub fn exec_ranges(elf: &[u8]) -> Result<Vec<(u64, u64)>, String> {
             return Ok(out);
         }
     }
-    let phoff = le_u64(elf, 0x20).ok_or_else(bad)?;
-    let phentsize = u64::from(le_u16(elf, 0x36).ok_or_else(bad)?);
-    let phnum = u64::from(le_u16(elf, 0x38).ok_or_else(bad)?);
+    let phoff = u64_at(elf, 0x20).ok_or_else(bad)?;
+    let phentsize = u64::from(u16_at(elf, 0x36).ok_or_else(bad)?);
+    let phnum = u64::from(u16_at(elf, 0x38).ok_or_else(bad)?);
     if phentsize < 0x38 {
         return Ok(out);
     }
@@ -132,10 +123,10 @@ pub fn exec_ranges(elf: &[u8]) -> Result<Vec<(u64, u64)>, String> {
         let at = phoff.saturating_add(i.saturating_mul(phentsize));
         let Ok(at) = usize::try_from(at) else { break };
         let (Some(kind), Some(flags), Some(off), Some(size)) = (
-            le_u32(elf, at),
-            le_u32(elf, at + 4),
-            le_u64(elf, at + 8),
-            le_u64(elf, at + 0x20),
+            u32_at(elf, at),
+            u32_at(elf, at + 4),
+            u64_at(elf, at + 8),
+            u64_at(elf, at + 0x20),
         ) else {
             break;
         };
