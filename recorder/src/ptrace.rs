@@ -193,6 +193,16 @@ pub fn is_gone(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::ESRCH)
 }
 
+/// The result of a ptrace request on a thread that may have gone meanwhile: `None` when it
+/// has ([`is_gone`]), the error otherwise.
+pub fn unless_gone<V>(res: io::Result<V>) -> io::Result<Option<V>> {
+    match res {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The `rdtsc` (`0f 31`) or `rdtscp` (`0f 01 f9`) instruction at the start of `code`: its
 /// length and whether it is `rdtscp`.
 pub fn tsc_instruction(code: &[u8]) -> Option<(u64, bool)> {

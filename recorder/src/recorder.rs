@@ -229,11 +229,7 @@ const PR_TSC_SIGSEGV: u64 = 2;
 /// The outcome of ptrace operation `what` on `tid`: `None` when the thread has vanished
 /// meanwhile (killed, e.g. by another thread's `exit_group`: its exit report follows).
 fn alive<V>(res: io::Result<V>, what: &'static str, tid: Tid) -> Result<Option<V>, RecordError> {
-    match res {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if is_gone(&e) => Ok(None),
-        Err(err) => Err(RecordError::Trace { what, tid, err }),
-    }
+    ptrace::unless_gone(res).map_err(|err| RecordError::Trace { what, tid, err })
 }
 
 struct Mem<'a, T: Tracer> {

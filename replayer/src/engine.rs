@@ -229,11 +229,7 @@ impl<T: Tracer> fmt::Debug for Replayer<T> {
 /// The outcome of ptrace operation `what` on `tid`: `None` when the thread vanished meanwhile
 /// (its exit report follows).
 fn traced<V>(r: io::Result<V>, what: &'static str, tid: Tid) -> Result<Option<V>, ReplayError> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if is_gone(&e) => Ok(None),
-        Err(err) => Err(ReplayError::Trace { what, tid, err }),
-    }
+    ptrace::unless_gone(r).map_err(|err| ReplayError::Trace { what, tid, err })
 }
 
 impl<T: Tracer> Replayer<T> {
