@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use containerd_shim::protos::events::task::TaskStart;
 use rrc_channel::{Channel, ChannelError, Role as ChannelRole};
@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 
 use super::net::{self, ServiceAddr};
+use super::primary::ms;
 use super::wire::{decode_log, Control, LogCut, STREAM_CHECKPOINT, STREAM_CONTROL, STREAM_LOG};
 use super::{channel_config, checkpointer, ReplicaCtx, ReplicaHandle, StatusFile, STORE_DIR};
 use crate::container::Container;
@@ -486,10 +487,6 @@ async fn session(
             }
         }
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 async fn failover(
