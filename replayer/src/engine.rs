@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use rrc_eventlog::{Event, EventRecord, Thread, Time};
 use rrc_recorder::event::Tid;
-use rrc_recorder::ptrace::{self, is_gone, Regs, Resume, Stop, SyscallInfo, Tracer};
+use rrc_recorder::ptrace::{self, is_gone, Resume, Stop, SyscallInfo, Tracer};
 use rrc_recorder::syscalls::{self, Class};
 use rrc_recorder::vdso;
 
@@ -761,7 +761,7 @@ impl<T: Tracer> Replayer<T> {
             None => ptrace::read_tsc_raw(is_p),
         };
         ptrace::set_tsc_result(&mut regs, len, tsc, aux);
-        set_regs(&mut self.tracer, tid, &regs)?;
+        traced(self.tracer.set_regs(tid, &regs), "PTRACE_SETREGS", tid)?;
         Ok(true)
     }
 
@@ -937,18 +937,6 @@ impl<T: Tracer> Replayer<T> {
                 self.resume(tid, Resume::Cont, sig)
             }
         }
-    }
-}
-
-fn set_regs<T: Tracer>(t: &mut T, tid: Tid, regs: &Regs) -> Result<(), ReplayError> {
-    match t.set_regs(tid, regs) {
-        Ok(()) => Ok(()),
-        Err(e) if is_gone(&e) => Ok(()),
-        Err(err) => Err(ReplayError::Trace {
-            what: "PTRACE_SETREGS",
-            tid,
-            err,
-        }),
     }
 }
 
